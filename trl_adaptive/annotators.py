@@ -1,0 +1,88 @@
+"""EMA annotators: the extra "annotators" of Adaptive-DPO, as EMA copies of the trainable parameters.
+
+Only the parameters that train are copied (the LoRA weights with LoRA), kept in float32 so that small updates at
+decays near 1 do not vanish (the authors' code cast them to fp16). An annotator's prediction is the same module
+called with its shadow parameters substituted through `torch.func.functional_call`: no weights are swapped in and
+out of the model, no copy of the frozen weights exists, and nothing is recorded for autograd.
+
+Warm-up rule (documented in docs/method.md): the n-th update (n = 0, 1, ...) uses the decay
+``min(decay, (1 + n) / (10 + n))``, the schedule of diffusers' ``EMAModel`` that the authors used, so an annotator
+with decay 0.9999 averages over roughly the last n/10 .. n steps early in training instead of freezing at the
+initial weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.func import functional_call
+
+ANNOTATORS_FILE = "annotators.safetensors"
+
+
+class EMAAnnotators:
+    def __init__(self, model: torch.nn.Module, decays: list[float]):
+        self.decays = list(decays)
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        if self.decays and not self.names:
+            raise ValueError("EMA annotators need trainable parameters, but the model has none")
+        params = dict(model.named_parameters())
+        self.shadows = [{n: params[n].detach().float().clone() for n in self.names} for _ in self.decays]
+        self.num_updates = 0
+
+    def __len__(self) -> int:
+        return len(self.decays)
+
+    def effective_decay(self, decay: float) -> float:
+        n = self.num_updates
+        return min(decay, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """One EMA step towards the model's current trainable parameters (call after each optimizer step)."""
+        params = dict(model.named_parameters())
+        current = [params[n].detach().float() for n in self.names]
+        for shadow, decay in zip(self.shadows, self.decays):
+            torch._foreach_lerp_(list(shadow.values()), current, 1.0 - self.effective_decay(decay))
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def __call__(self, index: int, model: torch.nn.Module, *args, **kwargs):
+        """Run `model(*args, **kwargs)` as annotator `index` (its EMA parameters, everything else shared)."""
+        return functional_call(model, self.shadows[index], args, kwargs, strict=False)
+
+    def to(self, device: torch.device) -> "EMAAnnotators":
+        self.shadows = [{n: t.to(device) for n, t in shadow.items()} for shadow in self.shadows]
+        return self
+
+    # ---- checkpointing ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{k}/{n}": t for k, shadow in enumerate(self.shadows) for n, t in shadow.items()}
+
+    def save(self, folder: str) -> None:
+        metadata = {"decays": json.dumps(self.decays), "num_updates": str(self.num_updates)}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, os.path.join(folder, ANNOTATORS_FILE), metadata=metadata)
+
+    def load(self, folder: str) -> None:
+        path = os.path.join(folder, ANNOTATORS_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint has no EMA annotator state, so resuming would silently "
+                "restart the annotators. Resume from a checkpoint written by AdaptiveDiffusionDPOTrainer."
+            )
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+        saved_decays = json.loads(metadata["decays"])
+        if saved_decays != self.decays:
+            raise ValueError(f"Checkpoint annotator_decays {saved_decays} differ from the config's {self.decays}")
+        tensors = load_file(path)
+        for k, shadow in enumerate(self.shadows):
+            for n in shadow:
+                shadow[n].copy_(tensors[f"{k}/{n}"])
+        self.num_updates = int(metadata["num_updates"])

@@ -1,0 +1,168 @@
+"""`AdaptiveDPOConfig`: every option of Diffusion-DPO / Adaptive-DPO training, on top of `TrainingArguments`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .losses import MARGIN_POWERS, PREFERENCE_LOSSES, WEIGHT_FUNCTIONS
+
+METRIC_NORMALIZATIONS = ("none", "rms")
+
+
+@dataclass
+class AdaptiveDPOConfig(TrainingArguments):
+    r"""Configuration of [`AdaptiveDiffusionDPOTrainer`].
+
+    Loss convention: ``-log sigmoid(beta * l)`` with ``l = (r_w - r_l) - (m_w - m_l)`` and **no 0.5 factor**, as in
+    the diffusers research script and the Adaptive-DPO authors' code. ``beta=2500`` here is the same objective as
+    ``beta=5000`` in the original Diffusion-DPO code, which uses ``-log sigmoid(0.5 * beta * l)``.
+
+    Every field below has help text (``--help`` on the CLI shows it); defaults name their source.
+    """
+
+    # ---- Diffusion-DPO ---------------------------------------------------------------------------------
+    beta: float = field(
+        default=2500.0,
+        metadata={
+            "help": "Diffusion-DPO strength in `-log sigmoid(beta * l)` (no 0.5 factor). Default 2500 from the diffusers "
+            "research script and the Adaptive-DPO code; equals 5000 in the original Diffusion-DPO code."
+        },
+    )
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "Preference loss of z = beta * l - gamma: `sigmoid` (Diffusion-DPO; cDPO with label_smoothing > 0), "
+            "`ipo` ((z - 1/2)^2 / beta^2, TRL's IPO), `robust` (Robust DPO, Chowdhury et al. 2024), `hinge` (relu(1 - z))."
+        },
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "Assumed label-flip rate eps in [0, 0.5) for `sigmoid` (cDPO) and `robust`; 0 disables (TRL's default)."
+        },
+    )
+    # ---- Adaptive-DPO ------------------------------------------------------------------------------------
+    adaptive: bool = field(
+        default=True,
+        metadata={"help": "Use the Adaptive-DPO minority metric (weights and margin). False gives plain Diffusion-DPO."},
+    )
+    annotator_decays: list[float] = field(
+        default_factory=lambda: [0.9999, 0.5],
+        metadata={
+            "help": "EMA decays of the extra annotators (the current model is always annotator 0). The authors used "
+            "0.9999 and 0.5. Each decay is warmed up as min(decay, (1 + n) / (10 + n)) after n updates."
+        },
+    )
+    metric_rho: float = field(
+        default=3.75,
+        metadata={
+            "help": "Scale of the logits inside the minority metric. Default 3.75 with metric_normalize=`rms` equals the "
+            "authors' README setting (rho 15 with L2 normalisation over a 16-pair micro-batch: 15 / sqrt(16))."
+        },
+    )
+    metric_normalize: str = field(
+        default="rms",
+        metadata={
+            "help": "`rms`: divide each annotator's logits by their root mean square over the global batch before "
+            "scaling (batch-size-free form of the authors' L2 normalisation); `none`: raw logits (then rho must "
+            "match the logit scale, ~1e3-1e4)."
+        },
+    )
+    metric_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Optimizer steps of plain Diffusion-DPO before the metric is used (u = 0 until then). Counted in "
+            "global steps, not per epoch (the authors' code restarts the count each epoch)."
+        },
+    )
+    weight_fn: str = field(
+        default="linear",
+        metadata={
+            "help": "Pair weight W(u), detached: `none` (1), `linear` 1/(k u + c), `quadratic` 1/(k u^2 + c), "
+            "`sqrt` 1/(exp(k sqrt(u)) + c), `sigmoid` 1/(exp(k u) + c). Default `linear` (authors)."
+        },
+    )
+    weight_scale: float = field(default=10.0, metadata={"help": "k in W(u). Default 10 (authors' code)."})
+    weight_intercept: float = field(default=1.0, metadata={"help": "c in W(u). Default 1 (authors' code)."})
+    margin: str = field(
+        default="linear",
+        metadata={
+            "help": "Adaptive margin gamma subtracted from beta * l: `none`, `linear` (c2 - k2 u) or `quadratic` "
+            "(c2 - k2 u^2), c2 = detached mean logit of the global batch. At the authors' defaults the margin is "
+            "~1e-3 against beta * l ~ 1: nearly inert (see docs/method.md)."
+        },
+    )
+    margin_scale: float | None = field(
+        default=None, metadata={"help": "k2 of the margin. Default None means 1 / beta (the authors' code)."}
+    )
+    # ---- Data --------------------------------------------------------------------------------------------
+    resolution: int = field(
+        default=512, metadata={"help": "Training resolution: images are resized (shorter side) and cropped to it."}
+    )
+    random_crop: bool = field(default=False, metadata={"help": "Random instead of centre crop (same crop for a pair)."})
+    random_flip: bool = field(default=False, metadata={"help": "Horizontally flip both images of a pair at random."})
+    drop_ties: bool = field(
+        default=True,
+        metadata={"help": "Drop tied pairs (label 0.5). True as in the original Diffusion-DPO (~12% of Pick-a-Pic)."},
+    )
+    empty_prompt_probability: float = field(
+        default=0.0,
+        metadata={"help": "Share of prompts replaced by '' during training (the original recipe used 0.2)."},
+    )
+    # ---- Overrides of TrainingArguments defaults ---------------------------------------------------------
+    learning_rate: float = field(
+        default=1e-5, metadata={"help": "AdamW learning rate. Default 1e-5 (diffusers LoRA recipe, Adaptive-DPO README)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps (TRL's DPOConfig default)."})
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Must stay False: the preference collator reads the raw image and label columns."},
+    )
+
+    def __post_init__(self):
+        def check_choice(name, allowed):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"AdaptiveDPOConfig.{name}={value!r} is not valid; allowed values: {sorted(allowed)}")
+
+        check_choice("loss_type", PREFERENCE_LOSSES)
+        check_choice("weight_fn", WEIGHT_FUNCTIONS)
+        check_choice("margin", MARGIN_POWERS)
+        check_choice("metric_normalize", METRIC_NORMALIZATIONS)
+        if not self.beta > 0:
+            raise ValueError(f"AdaptiveDPOConfig.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"AdaptiveDPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing > 0 and self.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(
+                f"AdaptiveDPOConfig.label_smoothing applies to loss_type 'sigmoid' or 'robust', not {self.loss_type!r}"
+            )
+        self.annotator_decays = [float(d) for d in (self.annotator_decays or [])]
+        for decay in self.annotator_decays:
+            if not 0.0 <= decay < 1.0:
+                raise ValueError(f"AdaptiveDPOConfig.annotator_decays entries must be in [0, 1), got {decay}")
+        if self.metric_rho <= 0:
+            raise ValueError(f"AdaptiveDPOConfig.metric_rho must be > 0, got {self.metric_rho}")
+        for name in ("metric_warmup_steps",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AdaptiveDPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.weight_intercept <= 0 and self.weight_fn in ("linear", "quadratic"):
+            raise ValueError("AdaptiveDPOConfig.weight_intercept must be > 0 for weight_fn 'linear'/'quadratic'")
+        if self.weight_scale < 0:
+            raise ValueError(f"AdaptiveDPOConfig.weight_scale must be >= 0, got {self.weight_scale}")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ValueError(f"AdaptiveDPOConfig.resolution must be a positive multiple of 8, got {self.resolution}")
+        if not 0.0 <= self.empty_prompt_probability <= 1.0:
+            raise ValueError(
+                f"AdaptiveDPOConfig.empty_prompt_probability must be in [0, 1], got {self.empty_prompt_probability}"
+            )
+        if self.remove_unused_columns:
+            raise ValueError("AdaptiveDPOConfig.remove_unused_columns must be False (the collator needs raw columns)")
+        super().__post_init__()
+
+    @property
+    def effective_margin_scale(self) -> float:
+        """k2 of the margin: `margin_scale`, or 1 / beta when unset."""
+        return self.margin_scale if self.margin_scale is not None else 1.0 / self.beta

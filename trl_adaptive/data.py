@@ -1,0 +1,284 @@
+"""Preference datasets: schema detection, label checks, tie filtering, label flipping and the collator.
+
+Three schemas are accepted (detected from the column names):
+
+* ``pickapic`` (Pick-a-Pic v2): ``caption``, ``jpg_0``, ``jpg_1`` (encoded image bytes), ``label_0`` in {0, 0.5, 1}
+  (1 means ``jpg_0`` is preferred, 0.5 is a tie).
+* ``trl`` (TRL-style image preference): ``prompt``, ``chosen``, ``rejected`` (PIL images, bytes or file paths).
+* ``hpdv2`` (HPDv2 train): ``prompt``, a two-image column (``image``, ``images`` or ``file_path``) and
+  ``human_preference``, a pair of labels where 1 marks the preferred image.
+
+The dataset is never rewritten: ties are removed with an index mapping and each row's winner is decided in the
+collator, so preparing Pick-a-Pic (hundreds of GB) costs one pass over its label column.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+VALID_LABELS = (0.0, 0.5, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schemas
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreferenceSchema:
+    name: str
+    prompt_column: str
+    image_columns: tuple[str, ...]  # two columns, or one column holding a pair of images
+    label_column: str | None  # None: the first image column is always the preferred one
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.prompt_column, *self.image_columns) + ((self.label_column,) if self.label_column else ())
+
+    def first_wins(self, label: Any, row: int) -> float:
+        """1.0 if the first image is preferred, 0.0 if the second, 0.5 for a tie; ValueError otherwise."""
+        if self.label_column is None:
+            return 1.0
+        if self.name == "hpdv2":
+            try:
+                a, b = (float(v) for v in label)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"row {row}, column {self.label_column!r}: expected a pair of labels like [1, 0], got {label!r}"
+                ) from None
+            for v in (a, b):
+                if v not in VALID_LABELS:
+                    raise ValueError(f"row {row}, column {self.label_column!r}: label {v!r} not in {{0, 0.5, 1}}")
+            return 0.5 if a == b else float(a > b)
+        try:
+            value = float(label)
+        except (TypeError, ValueError):
+            value = None
+        if value not in VALID_LABELS:
+            raise ValueError(f"row {row}, column {self.label_column!r}: label {label!r} not in {{0, 0.5, 1}}")
+        return value
+
+    def images(self, example: dict) -> tuple[Any, Any]:
+        if len(self.image_columns) == 2:
+            return example[self.image_columns[0]], example[self.image_columns[1]]
+        pair = example[self.image_columns[0]]
+        if pair is None or len(pair) != 2:
+            raise ValueError(
+                f"row {example.get('row_index')}, column {self.image_columns[0]!r}: expected two images, got {pair!r:.80}"
+            )
+        return pair[0], pair[1]
+
+
+PICKAPIC = PreferenceSchema("pickapic", "caption", ("jpg_0", "jpg_1"), "label_0")
+TRL_PREFERENCE = PreferenceSchema("trl", "prompt", ("chosen", "rejected"), None)
+HPDV2_IMAGE_COLUMNS = ("image", "images", "file_path")
+
+
+def detect_schema(column_names: list[str]) -> PreferenceSchema:
+    columns = set(column_names)
+    if {"jpg_0", "jpg_1"} & columns or "caption" in columns:
+        schema = PICKAPIC
+    elif "human_preference" in columns:
+        image_column = next((c for c in HPDV2_IMAGE_COLUMNS if c in columns), "image")
+        schema = PreferenceSchema("hpdv2", "prompt", (image_column,), "human_preference")
+    elif {"chosen", "rejected"} & columns:
+        schema = TRL_PREFERENCE
+    else:
+        raise ValueError(
+            f"Cannot recognise the preference dataset from its columns {sorted(columns)}. Expected one of: "
+            "Pick-a-Pic (caption, jpg_0, jpg_1, label_0); TRL (prompt, chosen, rejected); "
+            "HPDv2 (prompt, image, human_preference)"
+        )
+    missing = [c for c in schema.columns if c not in columns]
+    if missing:
+        raise ValueError(f"Preference dataset ({schema.name} schema) is missing column(s) {missing}")
+    return schema
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparing a dataset
+# ----------------------------------------------------------------------------------------------------------
+
+
+def prepare_preference_dataset(dataset, drop_ties: bool = True):
+    """Check the schema and every label, add ``row_index`` (position in the given dataset), drop ties.
+
+    Returns ``(dataset, info)`` with ``info = {"schema": name, "num_rows": n, "num_ties": t, "ties_dropped": bool}``.
+    Raises ``ValueError`` naming the row and column of the first bad label.
+    """
+    schema = detect_schema(dataset.column_names)
+    if "row_index" not in dataset.column_names:
+        dataset = dataset.add_column("row_index", list(range(len(dataset))))
+    keep, ties = [], 0
+    if schema.label_column is None:
+        keep = list(range(len(dataset)))
+    else:
+        for i, label in enumerate(dataset[schema.label_column]):
+            if schema.first_wins(label, row=i) == 0.5:
+                ties += 1
+                if drop_ties:
+                    continue
+            keep.append(i)
+    if len(keep) < len(dataset):
+        dataset = dataset.select(keep)
+    if len(dataset) == 0:
+        raise ValueError("The preference dataset is empty (after dropping ties)")
+    info = {"schema": schema.name, "num_rows": len(dataset), "num_ties": ties, "ties_dropped": drop_ties}
+    return dataset, info
+
+
+def flip_labels(dataset, rate: float, seed: int = 0):
+    """Flip the preference of a random ``rate`` share of the non-tied pairs (the paper's synthetic minority).
+
+    Returns the dataset with its labels flipped where ``flipped`` is True (a new boolean column), in the dataset's
+    own schema, so every consumer sees the flipped preference.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"flip_labels: rate must be in [0, 1], got {rate}")
+    schema = detect_schema(dataset.column_names)
+    if schema.label_column is None:
+        candidates = np.arange(len(dataset))
+    else:
+        labels = dataset[schema.label_column]
+        candidates = np.array([i for i, v in enumerate(labels) if schema.first_wins(v, row=i) != 0.5], dtype=int)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(candidates, size=int(round(rate * len(candidates))), replace=False)
+    flipped = np.zeros(len(dataset), dtype=bool)
+    flipped[chosen] = True
+
+    def flip(batch, indices):
+        rows = [k for k, i in enumerate(indices) if flipped[i]]
+        if schema.name == "pickapic":
+            batch["label_0"] = [1.0 - float(v) if k in rows else v for k, v in enumerate(batch["label_0"])]
+            if "label_1" in batch:
+                batch["label_1"] = [1.0 - float(v) if k in rows else v for k, v in enumerate(batch["label_1"])]
+        elif schema.name == "hpdv2":
+            batch["human_preference"] = [list(v)[::-1] if k in rows else v for k, v in enumerate(batch["human_preference"])]
+        else:
+            for k in rows:
+                batch["chosen"][k], batch["rejected"][k] = batch["rejected"][k], batch["chosen"][k]
+        batch["flipped"] = [bool(flipped[i]) for i in indices]
+        return batch
+
+    return dataset.map(flip, batched=True, with_indices=True, desc=f"Flipping {rate:.0%} of labels")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images and collation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def decode_image(value: Any, row: Any, column: str) -> Image.Image:
+    """PIL image from a PIL image, encoded bytes, a datasets ``{"bytes", "path"}`` dict, a path or an array."""
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+            image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+        elif isinstance(value, (str, os.PathLike)):
+            image = Image.open(value)
+        elif isinstance(value, (np.ndarray, list)):
+            array = np.asarray(value)
+            if array.dtype != np.uint8:
+                array = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+            image = Image.fromarray(array)
+        else:
+            raise TypeError(f"unsupported image value of type {type(value).__name__}")
+        image.load()
+        return image.convert("RGB")
+    except Exception as err:  # PIL raises many types; the caller needs the row and column
+        raise ValueError(f"row {row}, column {column!r}: cannot decode image: {err}") from err
+
+
+def image_to_tensor(
+    image: Image.Image, resolution: int, crop_fraction: tuple[float, float], flip: bool
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Resize the shorter side to `resolution`, crop a square at `crop_fraction` of the free room, scale to [-1, 1].
+
+    Returns the tensor, the original (height, width) and the crop's (top, left), which SDXL conditions on.
+    """
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    image = image.resize((new_w, new_h), Image.BILINEAR)
+    top = int(round((new_h - resolution) * crop_fraction[0]))
+    left = int(round((new_w - resolution) * crop_fraction[1]))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (height, width), (top, left)
+
+
+class PreferenceCollator:
+    """Turns dataset rows into a training batch: winner/loser pixels in [-1, 1], prompts, sizes and crops.
+
+    Output keys: ``pixel_values_chosen``, ``pixel_values_rejected`` (B, 3, R, R); ``prompts`` (list of str);
+    ``row_index`` (B,); ``original_size_{chosen,rejected}`` and ``crop_top_left_{chosen,rejected}`` (B, 2); and
+    ``flipped`` (B,) when the dataset has that column. Random crops and flips use torch's global RNG, so they are
+    reproducible with the Trainer's seed and restored RNG state.
+    """
+
+    def __init__(
+        self,
+        schema: PreferenceSchema,
+        resolution: int,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        empty_prompt_probability: float = 0.0,
+    ):
+        self.schema = schema
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.empty_prompt_probability = empty_prompt_probability
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        batch: dict[str, list] = {k: [] for k in ("chosen", "rejected", "size_c", "size_r", "crop_c", "crop_r")}
+        prompts, row_index = [], []
+        for example in rows:
+            row = example.get("row_index")
+            first, second = self.schema.images(example)
+            first_wins = self.schema.first_wins(example[self.schema.label_column], row) if self.schema.label_column else 1.0
+            if first_wins == 0.5:
+                raise ValueError(f"row {row}: tied pair reached the collator; prepare the dataset with drop_ties=True")
+            columns = self.schema.image_columns * (2 // len(self.schema.image_columns))
+            images = [decode_image(first, row, columns[0]), decode_image(second, row, columns[1])]
+            if first_wins == 0.0:
+                images.reverse()
+            crop = tuple(torch.rand(2).tolist()) if self.random_crop else (0.5, 0.5)
+            flip = bool(self.random_flip and torch.rand(()) < 0.5)
+            for image, key, size_key, crop_key in zip(images, ("chosen", "rejected"), ("size_c", "size_r"), ("crop_c", "crop_r")):
+                tensor, size, top_left = image_to_tensor(image, self.resolution, crop, flip)
+                batch[key].append(tensor)
+                batch[size_key].append(size)
+                batch[crop_key].append(top_left)
+            prompt = example[self.schema.prompt_column]
+            if not isinstance(prompt, str):
+                raise ValueError(f"row {row}, column {self.schema.prompt_column!r}: expected a string, got {prompt!r:.80}")
+            if self.empty_prompt_probability and float(torch.rand(())) < self.empty_prompt_probability:
+                prompt = ""
+            prompts.append(prompt)
+            row_index.append(row if row is not None else -1)
+        out = {
+            "pixel_values_chosen": torch.stack(batch["chosen"]),
+            "pixel_values_rejected": torch.stack(batch["rejected"]),
+            "prompts": prompts,
+            "row_index": torch.tensor(row_index, dtype=torch.long),
+            "original_size_chosen": torch.tensor(batch["size_c"], dtype=torch.long),
+            "original_size_rejected": torch.tensor(batch["size_r"], dtype=torch.long),
+            "crop_top_left_chosen": torch.tensor(batch["crop_c"], dtype=torch.long),
+            "crop_top_left_rejected": torch.tensor(batch["crop_r"], dtype=torch.long),
+        }
+        if rows and "flipped" in rows[0]:
+            out["flipped"] = torch.tensor([bool(r["flipped"]) for r in rows])
+        return out

@@ -1,0 +1,33 @@
+"""Model families: `family_for(pipeline)` returns the `DiffusionFamily` that knows the pipeline's quirks."""
+
+from __future__ import annotations
+
+from .base import DiffusionFamily
+from .stable_diffusion import StableDiffusionFamily
+
+#: Registered families, most specific first (a subclass pipeline must match its own family before its parent's).
+FAMILIES: list[type[DiffusionFamily]] = [StableDiffusionFamily]
+
+
+def register_family(family: type[DiffusionFamily]) -> type[DiffusionFamily]:
+    """Add a family in front of the registry (usable as a class decorator)."""
+    FAMILIES.insert(0, family)
+    return family
+
+
+def family_for(pipeline) -> DiffusionFamily:
+    for family in FAMILIES:
+        if isinstance(pipeline, family.pipeline_classes):
+            return family(pipeline)
+    supported = ", ".join(cls.__name__ for f in FAMILIES for cls in f.pipeline_classes)
+    raise ValueError(f"Unsupported pipeline {type(pipeline).__name__}; supported: {supported}")
+
+
+def load_pipeline(model_name_or_path: str, **kwargs):
+    """Load any supported pipeline from a folder or Hub id (the class is read from its model_index.json)."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model_name_or_path, **kwargs)
+
+
+__all__ = ["DiffusionFamily", "StableDiffusionFamily", "FAMILIES", "family_for", "load_pipeline", "register_family"]

@@ -1,0 +1,135 @@
+"""The one interface behind which model-family differences live.
+
+A `DiffusionFamily` wraps a diffusers pipeline and answers every family-specific question the trainer asks:
+how prompts and images become denoiser inputs, how noise is added and what the prediction target is, and how
+trained weights are saved so that the family's own pipeline loads them. The trainer never branches on the family.
+New families (SDXL, flow-matching models) subclass this and register themselves in `trl_adaptive.families`.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+
+class DiffusionFamily(ABC):
+    #: diffusers pipeline classes this family handles (checked with isinstance, most specific family first).
+    pipeline_classes: tuple[type, ...] = ()
+    #: Default LoRA target modules of the denoiser (diffusers' attention projections).
+    default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        # Training always uses the DDPM forward process of the pipeline's own schedule, whatever sampler it ships.
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+
+    # ---- modules ---------------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network that is trained (the UNet)."""
+        return self.pipeline.unet
+
+    @abstractmethod
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules that are only run for inference (text encoders, VAE), by pipeline component name."""
+
+    def place_frozen_modules(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Freeze the non-trained modules and move them to the training device in the given dtype."""
+        for module in self.frozen_modules().values():
+            module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+
+    # ---- inputs ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Any]:
+        """Text conditioning for the denoiser, as keyword arguments of its forward (one row per prompt)."""
+
+    @abstractmethod
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], shape (N, 3, H, W), to the denoiser's (scaled) input space."""
+
+    def extra_conditioning(self, batch: dict[str, Any], conditioning: dict[str, Any]) -> dict[str, Any]:
+        """Hook for conditioning that depends on the images, not the prompt (SDXL's size/crop time ids)."""
+        return conditioning
+
+    def condition(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Denoiser keyword arguments for a collated batch: cached embeddings when present, else encoded prompts."""
+        if "prompt_embeds" in batch:
+            conditioning = self.conditioning_from_cache(batch)
+        else:
+            conditioning = self.encode_prompts(batch["prompts"])
+        return self.extra_conditioning(batch, conditioning)
+
+    def conditioning_from_cache(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Denoiser keyword arguments from cached text embeddings (see `trl_adaptive.caching`)."""
+        return {"encoder_hidden_states": batch["prompt_embeds"]}
+
+    def latents(self, batch: dict[str, Any], key: str) -> torch.Tensor:
+        """Latents of `chosen` or `rejected` images: cached ones when the batch has them, else encoded pixels."""
+        if f"latents_{key}" in batch:
+            return batch[f"latents_{key}"]
+        return self.encode_images(batch[f"pixel_values_{key}"])
+
+    # ---- forward process -------------------------------------------------------------------------------
+    def sample_timesteps(self, batch_size: int, device: torch.device, generator=None) -> torch.Tensor:
+        num = self.noise_scheduler.config.num_train_timesteps
+        return torch.randint(0, num, (batch_size,), device=device, generator=generator).long()
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.noise_scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is trained to predict, by the scheduler's `prediction_type`."""
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if prediction_type == "sample":
+            return latents
+        raise ValueError(f"Unsupported scheduler prediction_type {prediction_type!r}")
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, Any]):
+        return denoiser(noisy, timesteps, **conditioning, return_dict=False)[0]
+
+    # ---- saving and loading ----------------------------------------------------------------------------
+    def save_lora(self, output_dir: str, denoiser: torch.nn.Module, lora_config=None, state_dict=None) -> None:
+        """Write the denoiser's LoRA weights so that `<Pipeline>.load_lora_weights(output_dir)` reads them.
+
+        `state_dict` is a full state dict gathered elsewhere (DeepSpeed ZeRO-3); by default the module's own.
+        """
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, state_dict=state_dict))
+        metadata = lora_config.to_dict() if lora_config is not None else None
+        type(self.pipeline).save_lora_weights(
+            output_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+        )
+
+    def load_lora_into(self, denoiser: torch.nn.Module, folder: str) -> None:
+        """Load LoRA weights written by `save_lora` into the denoiser's active adapter (used to resume)."""
+        state_dict = type(self.pipeline).lora_state_dict(folder)
+        state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict
+        prefix = "unet."
+        unet_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"LoRA checkpoint in {folder} has keys the model lacks: {result.unexpected_keys[:5]}")
+
+    def save_pipeline(self, output_dir: str, denoiser_state_dict: dict | None = None) -> None:
+        """Write the whole pipeline so that `from_pretrained(output_dir)` loads it; with `denoiser_state_dict` (gathered
+        by DeepSpeed), those weights replace the in-memory denoiser's."""
+        self.pipeline.save_pretrained(output_dir, safe_serialization=True)
+        if denoiser_state_dict is not None:
+            folder = os.path.join(output_dir, "unet")
+            tensors = {k: v.detach().cpu().contiguous() for k, v in denoiser_state_dict.items()}
+            save_file(tensors, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+    def load_denoiser_into(self, denoiser: torch.nn.Module, folder: str) -> None:
+        """Load denoiser weights written by `save_pipeline` (used to resume a full fine-tune)."""
+        state_dict = load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+        denoiser.load_state_dict(state_dict, strict=True)

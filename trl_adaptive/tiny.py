@@ -1,0 +1,156 @@
+"""Tiny, offline building blocks: a byte-level CLIP tokenizer, a tiny SD pipeline and a toy preference set.
+
+Used by the tests, the built-in example and the benchmarks: nothing here downloads anything. The tokenizer has the
+real CLIP byte-level alphabet and special tokens but no merges (one token per character), which is enough to
+condition a tiny text encoder; real-sized pipelines should use the real tokenizer files
+(`CLIPTokenizer.from_pretrained(folder)`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes (printable bytes map to themselves)."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    alphabet, shift = [], 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet.append(chr(byte))
+        else:
+            alphabet.append(chr(256 + shift))
+            shift += 1
+    return alphabet
+
+
+def tiny_clip_tokenizer(folder: str | None = None, model_max_length: int = 16):
+    """A character-level CLIP tokenizer written to `folder` (a temporary one by default) and loaded from it."""
+    from transformers import CLIPTokenizer
+
+    folder = folder or tempfile.mkdtemp(prefix="tiny-clip-tokenizer-")
+    os.makedirs(folder, exist_ok=True)
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    # transformers 5 ignores vocab_file= arguments: from_pretrained(folder) is the loading path that works.
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+
+
+def tiny_unet_config(cross_attention_dim: int = 32, sample_size: int = 8, in_channels: int = 4, **overrides) -> dict:
+    config = dict(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=8,
+        attention_head_dim=4,
+    )
+    config.update(overrides)
+    return config
+
+
+def tiny_text_encoder(hidden_size: int = 32, vocab_size: int = 514, max_positions: int = 16, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(config)
+
+
+def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", resolution: int = 32):
+    """A randomly initialised StableDiffusionPipeline small enough to train on a CPU in seconds.
+
+    The VAE downsamples by 4 (two blocks), so `resolution` 32 gives 8x8x4 latents.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(sample_size=resolution // 4))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=tiny_text_encoder(seed=seed),
+        tokenizer=tiny_clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def toy_preference_dataset(num_pairs: int = 32, size: int = 32, seed: int = 0, schema: str = "pickapic"):
+    """Synthetic preference pairs: the preferred image is brighter in the colour the prompt names.
+
+    `schema` is `pickapic` (encoded PNG bytes and label_0, half the pairs with the winner second) or `trl`
+    (PIL images in chosen/rejected).
+    """
+    import io
+
+    from datasets import Dataset
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = {"red": 0, "green": 1, "blue": 2}
+    rows = []
+    for i in range(num_pairs):
+        name, channel = list(colours.items())[i % 3]
+        base = rng.uniform(0, 120, size=(2, size, size, 3))
+        base[0, ..., channel] += 120  # the winner
+        images = [Image.fromarray(b.clip(0, 255).astype(np.uint8)) for b in base]
+        prompt = f"a {name} square"
+        if schema == "trl":
+            rows.append({"prompt": prompt, "chosen": images[0], "rejected": images[1]})
+            continue
+        encoded = []
+        for image in images:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            encoded.append(buffer.getvalue())
+        swap = i % 2 == 1
+        rows.append(
+            {
+                "caption": prompt,
+                "jpg_0": encoded[1] if swap else encoded[0],
+                "jpg_1": encoded[0] if swap else encoded[1],
+                "label_0": 0.0 if swap else 1.0,
+                "label_1": 1.0 if swap else 0.0,
+            }
+        )
+    return Dataset.from_list(rows)

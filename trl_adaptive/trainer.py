@@ -1,0 +1,364 @@
+"""`AdaptiveDiffusionDPOTrainer`: Diffusion-DPO and Adaptive-DPO on the transformers `Trainer`.
+
+The trainer adds only what the method needs: the paired forward (policy, reference, annotators on shared noise
+and timestep), the loss assembly from `trl_adaptive.losses`, EMA annotators kept in step with the optimizer and
+saved in every checkpoint, metrics gathered across processes, and diffusers-format saving. Everything that
+differs between model families is asked of `self.family` (see `trl_adaptive.families`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.utils._pytree import tree_map
+from transformers import Trainer, TrainerCallback
+from transformers.utils import logging
+
+from .annotators import EMAAnnotators
+from .config import AdaptiveDPOConfig
+from .data import PreferenceCollator, detect_schema, prepare_preference_dataset
+from .families import family_for, load_pipeline
+from .losses import (
+    adaptive_margin,
+    denoising_error,
+    dpo_logits,
+    implicit_rewards,
+    minority_score,
+    minority_weights,
+    preference_loss,
+)
+from .model_card import build_model_card
+
+logger = logging.get_logger(__name__)
+
+TRAINING_ARGS_NAME = "training_args.bin"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+class AnnotatorUpdateCallback(TrainerCallback):
+    """Moves the EMA annotators one step after every optimizer step."""
+
+    def __init__(self, trainer: "AdaptiveDiffusionDPOTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.annotators is not None:
+            self.trainer.annotators.update(self.trainer.accelerator.unwrap_model(self.trainer.model))
+
+
+def _pair_repeat(conditioning):
+    """Conditioning of B prompts -> 2B rows (winners first, then losers), for any nesting of tensors."""
+    return tree_map(lambda x: torch.cat([x, x]) if isinstance(x, torch.Tensor) else x, conditioning)
+
+
+class AdaptiveDiffusionDPOTrainer(Trainer):
+    """Preference-tune a diffusers text-to-image pipeline with Diffusion-DPO or Adaptive-DPO.
+
+    Args:
+        model: a diffusers pipeline of a supported family, or a folder / Hub id that `from_pretrained` loads.
+        ref_model: frozen reference denoiser for full fine-tuning (default: a copy of the initial denoiser).
+            Must be None with `peft_config`: the reference is then the denoiser with its adapters disabled.
+        args: an `AdaptiveDPOConfig`.
+        train_dataset, eval_dataset: `datasets.Dataset` in the Pick-a-Pic, TRL or HPDv2 schema (see `trl_adaptive.data`).
+        peft_config: a `peft.LoraConfig` to train LoRA adapters on the denoiser instead of all its weights.
+        data_collator: replaces the default `PreferenceCollator`.
+        callbacks, optimizers: as in `transformers.Trainer`.
+    """
+
+    _tag_names = ("diffusion-dpo", "adaptive-dpo")
+
+    def __init__(
+        self,
+        model,
+        ref_model: torch.nn.Module | None = None,
+        args: AdaptiveDPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        peft_config=None,
+        data_collator=None,
+        callbacks=None,
+        optimizers=(None, None),
+    ):
+        args = args if args is not None else AdaptiveDPOConfig(output_dir="trl-adaptive-output")
+        if not isinstance(args, AdaptiveDPOConfig):
+            raise TypeError(f"args must be an AdaptiveDPOConfig, got {type(args).__name__}")
+        if isinstance(model, (str, os.PathLike)):
+            self.base_model_name = str(model)
+            model = load_pipeline(str(model))
+        else:
+            self.base_model_name = getattr(model, "name_or_path", None) or model.config.get("_name_or_path") or None
+        self.family = family_for(model)
+        self.peft_config = peft_config
+        self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        denoiser = self._prepare_denoiser(args, peft_config)
+        self.ref_model = self._prepare_reference(ref_model, denoiser, peft_config)
+
+        self.dataset_info = None
+        if train_dataset is not None:
+            train_dataset, self.dataset_info = prepare_preference_dataset(train_dataset, args.drop_ties)
+            logger.info(
+                f"Preference data: {self.dataset_info['schema']} schema, {self.dataset_info['num_rows']} pairs, "
+                f"{self.dataset_info['num_ties']} ties {'dropped' if args.drop_ties else 'kept'}"
+            )
+        self.dataset_name = getattr(getattr(train_dataset, "info", None), "dataset_name", None)
+        if eval_dataset is not None:
+            eval_dataset, _ = prepare_preference_dataset(eval_dataset, args.drop_ties)
+        if data_collator is None:
+            reference = train_dataset if train_dataset is not None else eval_dataset
+            if reference is None:
+                raise ValueError("AdaptiveDiffusionDPOTrainer needs a train_dataset or an eval_dataset")
+            data_collator = PreferenceCollator(
+                detect_schema(reference.column_names),
+                args.resolution,
+                random_crop=args.random_crop,
+                random_flip=args.random_flip,
+                empty_prompt_probability=args.empty_prompt_probability,
+            )
+
+        use_annotators = args.adaptive and len(args.annotator_decays) > 0
+        self.annotators = EMAAnnotators(denoiser, args.annotator_decays) if use_annotators else None
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._eval_generator = None
+        super().__init__(
+            model=denoiser,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=[AnnotatorUpdateCallback(self), *(callbacks or [])],
+            optimizers=optimizers,
+        )
+        device = self.accelerator.device
+        self.family.place_frozen_modules(device, self.weight_dtype)
+        if self.ref_model is not None:
+            self.ref_model.to(device=device, dtype=self.weight_dtype)
+        if self.annotators is not None:
+            self.annotators.to(device)
+
+    # ---- set-up ----------------------------------------------------------------------------------------
+    def _prepare_denoiser(self, args, peft_config) -> torch.nn.Module:
+        denoiser = self.family.denoiser
+        if peft_config is not None:
+            from diffusers.training_utils import cast_training_params
+
+            # diffusers' LoRA recipe: frozen base weights in the training dtype, trainable adapters in float32.
+            denoiser.requires_grad_(False).to(self.weight_dtype)
+            denoiser.add_adapter(peft_config)
+            cast_training_params(denoiser, dtype=torch.float32)
+        else:
+            denoiser.requires_grad_(True)
+        if args.activation_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+            # transformers calls `activation_checkpointing_enable`, which diffusers models name differently.
+            denoiser.activation_checkpointing_enable = lambda **_: None
+        return denoiser
+
+    def _prepare_reference(self, ref_model, denoiser, peft_config):
+        if peft_config is not None:
+            if ref_model is not None:
+                raise ValueError("ref_model must be None with peft_config: the reference is the base UNet (adapters off)")
+            return None
+        reference = ref_model if ref_model is not None else copy.deepcopy(denoiser)
+        return reference.requires_grad_(False).eval()
+
+    # ---- the paired forward ----------------------------------------------------------------------------
+    @contextmanager
+    def _adapters_disabled(self, denoiser):
+        denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            denoiser.enable_adapters()
+
+    @torch.no_grad()
+    def _reference_prediction(self, denoiser, noisy, timesteps, conditioning):
+        if self.ref_model is not None:
+            return self.family.predict(self.ref_model, noisy, timesteps, conditioning)
+        with self._adapters_disabled(denoiser):
+            return self.family.predict(denoiser, noisy, timesteps, conditioning)
+
+    def _annotator_logits(self, denoiser, noisy, timesteps, conditioning, target, reference_errors):
+        """Diffusion-DPO logits of the same pairs under each EMA annotator (no gradient)."""
+        logits = []
+        for k in range(len(self.annotators)):
+            as_annotator = lambda *a, _k=k, **kw: self.annotators(_k, denoiser, *a, **kw)  # noqa: E731
+            errors = denoising_error(self.family.predict(as_annotator, noisy, timesteps, conditioning), target)
+            logits.append(dpo_logits(*errors.chunk(2), *reference_errors.chunk(2)))
+        return logits
+
+    def pair_forward(self, model, inputs, generator=None) -> dict[str, torch.Tensor]:
+        """Policy, reference and annotator denoising errors of each pair on shared noise and timestep.
+
+        Returns ``policy_errors`` and ``reference_errors`` of shape (2B,) (winners first) and ``logits`` of shape
+        (K, B): row 0 is the current model (with gradient), rows 1.. the EMA annotators (detached).
+        """
+        family = self.family
+        chosen, rejected = family.latents(inputs, "chosen"), family.latents(inputs, "rejected")
+        latents = torch.cat([chosen, rejected])
+        noise = torch.randn(chosen.shape, generator=generator, device=chosen.device, dtype=chosen.dtype)
+        timesteps = family.sample_timesteps(chosen.shape[0], chosen.device, generator=generator)
+        noise, timesteps = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
+        noisy = family.add_noise(latents, noise, timesteps)
+        target = family.target(latents, noise, timesteps)
+        conditioning = _pair_repeat(family.condition(inputs))
+
+        denoiser = self.accelerator.unwrap_model(model)
+        policy_errors = denoising_error(family.predict(model, noisy, timesteps, conditioning), target)
+        reference_errors = denoising_error(self._reference_prediction(denoiser, noisy, timesteps, conditioning), target)
+        logits = [dpo_logits(*policy_errors.chunk(2), *reference_errors.chunk(2))]
+        if self.annotators is not None and self._metric_active():
+            logits += self._annotator_logits(denoiser, noisy, timesteps, conditioning, target, reference_errors)
+        return {"policy_errors": policy_errors, "reference_errors": reference_errors, "logits": logits}
+
+    def _metric_active(self) -> bool:
+        return self.args.adaptive and self.state.global_step >= self.args.metric_warmup_steps
+
+    # ---- global-batch statistics -----------------------------------------------------------------------
+    def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over the last dimension across all processes (detached); keeps leading dimensions."""
+        values = values.detach().float()
+        sums = torch.cat([values.sum(dim=-1).reshape(-1), values.new_tensor([values.shape[-1]])])
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        return (sums[:-1] / sums[-1]).reshape(values.shape[:-1])
+
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(values.detach().float().contiguous())
+
+    # ---- loss ------------------------------------------------------------------------------------------
+    def adaptive_terms(self, annotator_logits: torch.Tensor, logits: torch.Tensor):
+        """Minority score u, weights W(u) and margins gamma(u) for one step (all detached, global-batch statistics)."""
+        args = self.args
+        normalizers = self._global_mean(annotator_logits.pow(2)).sqrt() if args.metric_normalize == "rms" else None
+        u = minority_score(annotator_logits, args.metric_rho, normalizers)
+        weights = minority_weights(u, args.weight_fn, args.weight_scale, args.weight_intercept)
+        mean_logit = self._global_mean(logits) if args.margin != "none" else 0.0
+        margins = adaptive_margin(u, args.margin, mean_logit, args.effective_margin_scale)
+        return u, weights, margins
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        out = self.pair_forward(model, inputs, generator=self._eval_generator if mode == "eval" else None)
+        logits = out["logits"][0]
+        u = weights = margins = None
+        if self.args.adaptive and self._metric_active():
+            u, weights, margins = self.adaptive_terms(torch.stack([x.detach() for x in out["logits"]]), logits)
+        losses = preference_loss(logits, self.args.beta, self.args.loss_type, self.args.label_smoothing, weights, margins)
+        self._record_metrics(mode, out, u, weights, margins, inputs)
+        loss = losses.mean()
+        return (loss, out) if return_outputs else loss
+
+    # ---- metrics ---------------------------------------------------------------------------------------
+    def _record_metrics(self, mode, out, u, weights, margins, inputs) -> None:
+        beta = self.args.beta
+        m_w, m_l = out["policy_errors"].detach().chunk(2)
+        r_w, r_l = out["reference_errors"].detach().chunk(2)
+        chosen, rejected = implicit_rewards(m_w, r_w, beta), implicit_rewards(m_l, r_l, beta)
+        per_pair = {
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/margins": chosen - rejected,
+            "rewards/accuracies": (chosen > rejected).float(),
+            "denoising_loss/policy_chosen": m_w,
+            "denoising_loss/policy_rejected": m_l,
+            "denoising_loss/reference_chosen": r_w,
+            "denoising_loss/reference_rejected": r_l,
+        }
+        if u is not None:
+            per_pair.update({"minority/score_mean": u, "minority/weight_mean": weights, "minority/margin_mean": margins})
+        gathered = {name: self._gather(v) for name, v in per_pair.items()}
+        metrics = {name: v.mean().item() for name, v in gathered.items()}
+        if u is not None:
+            metrics["minority/weight_min"] = gathered["minority/weight_mean"].min().item()
+            if "flipped" in inputs:  # synthetic-minority runs: how well u separates flipped pairs
+                flipped = self._gather(inputs["flipped"].float()).bool()
+                scores = gathered["minority/score_mean"]
+                if flipped.any():
+                    metrics["minority/score_flipped"] = scores[flipped].mean().item()
+                if (~flipped).any():
+                    metrics["minority/score_clean"] = scores[~flipped].mean().item()
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._metrics[mode].items():
+            if values:
+                logs[f"{prefix}{name}"] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # ---- evaluation ------------------------------------------------------------------------------------
+    def evaluate(self, *args, **kwargs):
+        # The same noise and timesteps at every evaluation, so eval metrics are comparable across steps.
+        self._eval_generator = torch.Generator(device=self.args.device).manual_seed(self.args.seed)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._eval_generator = None
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ---- saving and resuming ---------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        denoiser = self.accelerator.unwrap_model(self.model)
+        if self.peft_config is not None:
+            self.family.save_lora(output_dir, denoiser, self.peft_config, state_dict=state_dict)
+        elif state_dict is None:
+            self.family.save_pipeline(output_dir)
+        else:
+            self.family.save_pipeline(output_dir, denoiser_state_dict=state_dict)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        self._write_model_card(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if self.peft_config is not None:
+            self.family.load_lora_into(denoiser, resume_from_checkpoint)
+        else:
+            self.family.load_denoiser_into(denoiser, resume_from_checkpoint)
+
+    # The annotators are training state like the optimizer's moments: saved and restored beside them.
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.annotators is not None and self.args.should_save:
+            self.annotators.save(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.annotators is not None:
+            self.annotators.load(checkpoint)
+
+    # ---- model card ------------------------------------------------------------------------------------
+    def _write_model_card(self, folder: str) -> None:
+        card = build_model_card(
+            self.args,
+            base_model=self.base_model_name,
+            dataset_name=self.dataset_name,
+            pipeline_class=type(self.family.pipeline).__name__,
+            lora_rank=getattr(self.peft_config, "r", None),
+            global_step=self.state.global_step,
+            dataset_info=self.dataset_info,
+            tags=self._tag_names,
+        )
+        Path(folder, "README.md").write_text(card)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs) -> None:
+        """Write README.md into `output_dir` (used by `push_to_hub`, as in transformers)."""
+        if self.is_world_process_zero():
+            if dataset_name:
+                self.dataset_name = dataset_name
+            self._write_model_card(self.args.output_dir)
