@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 from .losses import MARGIN_POWERS, PREFERENCE_LOSSES, WEIGHT_FUNCTIONS
 
 METRIC_NORMALIZATIONS = ("none", "rms")
+LATENT_SAMPLING = ("sample", "mean")
 
 
 @dataclass
@@ -111,6 +112,25 @@ class AdaptiveDPOConfig(TrainingArguments):
         default=0.0,
         metadata={"help": "Share of prompts replaced by '' during training (the original recipe used 0.2)."},
     )
+    latent_sampling: str = field(
+        default="sample",
+        metadata={
+            "help": "How images become latents: `sample` draws from the VAE posterior (mean + std * noise) at every "
+            "step, as the diffusers scripts do; `mean` uses the posterior mean (deterministic; a latent cache then "
+            "stores half as much)."
+        },
+    )
+    # ---- Speed -------------------------------------------------------------------------------------------
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the latent cache. When set, VAE latents (posterior mean and std; both flips with "
+            "random_flip) and text embeddings are computed once, stored under a sub-folder named by a hash of the "
+            "model weights and configs, transform settings and dataset fingerprint, reused by later runs with the "
+            "same hash, and training reads them instead of running the VAE and text encoder. Not compatible with "
+            "random_crop. See docs/caching.md."
+        },
+    )
     # ---- Overrides of TrainingArguments defaults ---------------------------------------------------------
     learning_rate: float = field(
         default=1e-5, metadata={"help": "AdamW learning rate. Default 1e-5 (diffusers LoRA recipe, Adaptive-DPO README)."}
@@ -131,6 +151,12 @@ class AdaptiveDPOConfig(TrainingArguments):
         check_choice("weight_fn", WEIGHT_FUNCTIONS)
         check_choice("margin", MARGIN_POWERS)
         check_choice("metric_normalize", METRIC_NORMALIZATIONS)
+        check_choice("latent_sampling", LATENT_SAMPLING)
+        if self.cache_dir is not None and self.random_crop:
+            raise ValueError(
+                "AdaptiveDPOConfig.random_crop=True cannot be used with cache_dir: cached latents are computed once from "
+                "a centre crop. Set random_crop=False (random_flip is supported) or cache_dir=None."
+            )
         if not self.beta > 0:
             raise ValueError(f"AdaptiveDPOConfig.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:

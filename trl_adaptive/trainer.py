@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .annotators import EMAAnnotators
+from .caching import use_latent_cache
 from .config import AdaptiveDPOConfig
 from .data import PreferenceCollator, detect_schema, prepare_preference_dataset
 from .families import family_for, load_pipeline
@@ -93,6 +94,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         else:
             self.base_model_name = getattr(model, "name_or_path", None) or model.config.get("_name_or_path") or None
         self.family = family_for(model)
+        self.family.sample_latents = args.latent_sampling == "sample"
         self.peft_config = peft_config
         self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         denoiser = self._prepare_denoiser(args, peft_config)
@@ -139,6 +141,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             self.ref_model.to(device=device, dtype=self.weight_dtype)
         if self.annotators is not None:
             self.annotators.to(device)
+        if args.cache_dir is not None:
+            use_latent_cache(self)  # encodes the datasets once (or finds their cache) and swaps in the cached collator
 
     # ---- set-up ----------------------------------------------------------------------------------------
     def _prepare_denoiser(self, args, peft_config) -> torch.nn.Module:

@@ -24,6 +24,9 @@ class DiffusionFamily(ABC):
     pipeline_classes: tuple[type, ...] = ()
     #: Default LoRA target modules of the denoiser (diffusers' attention projections).
     default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    #: Draw latents from the VAE posterior (the diffusers scripts) or use its mean; set from
+    #: `AdaptiveDPOConfig.latent_sampling` by the trainer.
+    sample_latents: bool = True
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
@@ -50,9 +53,39 @@ class DiffusionFamily(ABC):
     def encode_prompts(self, prompts: list[str]) -> dict[str, Any]:
         """Text conditioning for the denoiser, as keyword arguments of its forward (one row per prompt)."""
 
-    @abstractmethod
+    @torch.no_grad()
+    def image_latent_distribution(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean and standard deviation of the VAE posterior of images in [-1, 1], shape (N, 3, H, W), already shifted
+        and scaled into the denoiser's input space (so a latent is ``mean + std * noise``). Pixel-space pipelines
+        (``vae`` None) return the pixels and ``None``."""
+        vae = getattr(self.pipeline, "vae", None)
+        if vae is None:
+            return pixel_values, None
+        posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        scale = vae.config.scaling_factor
+        return (posterior.mean - shift) * scale, posterior.std * scale
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], shape (N, 3, H, W), to the denoiser's (scaled) input space."""
+        """Images in [-1, 1], shape (N, 3, H, W), to the denoiser's (scaled) input space: a draw from the VAE
+        posterior, or its mean when `sample_latents` is False."""
+        mean, std = self.image_latent_distribution(pixel_values)
+        if std is None or not self.sample_latents:
+            return mean
+        return mean + std * torch.randn_like(mean)
+
+    # ---- what a latent cache stores (see trl_adaptive.caching) ----------------------------------------
+    def cache_images(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image tensors a cache keeps so that `encode_images` can be replayed without the VAE: the posterior
+        ``mean``, plus its ``std`` when latents are sampled."""
+        mean, std = self.image_latent_distribution(pixel_values)
+        return {"mean": mean} if std is None or not self.sample_latents else {"mean": mean, "std": std}
+
+    def cache_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Per-prompt tensors a cache keeps, read back by `conditioning_from_cache`. Must contain ``prompt_embeds``
+        (its presence marks a cached batch); families with more text conditioning (SDXL's pooled embeddings)
+        override both methods."""
+        return {"prompt_embeds": self.encode_prompts(prompts)["encoder_hidden_states"]}
 
     def extra_conditioning(self, batch: dict[str, Any], conditioning: dict[str, Any]) -> dict[str, Any]:
         """Hook for conditioning that depends on the images, not the prompt (SDXL's size/crop time ids)."""

@@ -36,10 +36,3 @@ class StableDiffusionFamily(DiffusionFamily):
         ids = self.tokenize(self.pipeline.tokenizer, prompts).to(encoder.device)
         return {"encoder_hidden_states": encoder(ids)[0]}
 
-    @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        if vae is None:
-            return pixel_values
-        latents = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
-        return latents * vae.config.scaling_factor
