@@ -72,6 +72,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
     """
 
     _tag_names = ("diffusion-dpo", "adaptive-dpo")
+    # compute_loss returns the mean over the micro-batch, so the Trainer divides by the accumulation steps.
+    loss_is_scaled_for_ga = False
 
     def __init__(
         self,
