@@ -56,6 +56,14 @@ class AdaptiveDPOConfig(TrainingArguments):
             "0.9999 and 0.5. Each decay is warmed up as min(decay, (1 + n) / (10 + n)) after n updates."
         },
     )
+    annotator_interval: int = field(
+        default=1,
+        metadata={
+            "help": "Run the EMA annotators every N optimizer steps. 1 (default) is the paper's exact metric at every "
+            "step. With N > 1 (amortised mode) the steps between refreshes take each pair's mean score over its "
+            "earlier scored visits (0, i.e. weight 1/c, for a pair not scored yet), so annotators cost ~1/N."
+        },
+    )
     metric_rho: float = field(
         default=3.75,
         metadata={
@@ -169,6 +177,8 @@ class AdaptiveDPOConfig(TrainingArguments):
         for decay in self.annotator_decays:
             if not 0.0 <= decay < 1.0:
                 raise ValueError(f"AdaptiveDPOConfig.annotator_decays entries must be in [0, 1), got {decay}")
+        if self.annotator_interval < 1:
+            raise ValueError(f"AdaptiveDPOConfig.annotator_interval must be >= 1, got {self.annotator_interval}")
         if self.metric_rho <= 0:
             raise ValueError(f"AdaptiveDPOConfig.metric_rho must be > 0, got {self.metric_rho}")
         for name in ("metric_warmup_steps",):

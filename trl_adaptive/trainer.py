@@ -24,6 +24,7 @@ from .caching import use_latent_cache
 from .config import AdaptiveDPOConfig
 from .data import PreferenceCollator, detect_schema, prepare_preference_dataset
 from .families import family_for, load_pipeline
+from .history import PairHistory
 from .losses import (
     adaptive_margin,
     denoising_error,
@@ -72,6 +73,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
     """
 
     _tag_names = ("diffusion-dpo", "adaptive-dpo")
+    # compute_loss returns the mean over the micro-batch, so the Trainer divides by the accumulation steps.
+    loss_is_scaled_for_ga = False
 
     def __init__(
         self,
@@ -124,6 +127,9 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
 
         use_annotators = args.adaptive and len(args.annotator_decays) > 0
         self.annotators = EMAAnnotators(denoiser, args.annotator_decays) if use_annotators else None
+        self.pair_history = None
+        if args.adaptive and train_dataset is not None:
+            self.pair_history = PairHistory(max(train_dataset["row_index"]) + 1)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._eval_generator = None
         super().__init__(
@@ -215,12 +221,18 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         policy_errors = denoising_error(family.predict(model, noisy, timesteps, conditioning), target)
         reference_errors = denoising_error(self._reference_prediction(denoiser, noisy, timesteps, conditioning), target)
         logits = [dpo_logits(*policy_errors.chunk(2), *reference_errors.chunk(2))]
-        if self.annotators is not None and self._metric_active():
+        if self._annotators_due(model.training):
             logits += self._annotator_logits(denoiser, noisy, timesteps, conditioning, target, reference_errors)
         return {"policy_errors": policy_errors, "reference_errors": reference_errors, "logits": logits}
 
     def _metric_active(self) -> bool:
         return self.args.adaptive and self.state.global_step >= self.args.metric_warmup_steps
+
+    def _annotators_due(self, training: bool) -> bool:
+        """Whether this step runs the EMA annotators (always in evaluation; every `annotator_interval` steps in training)."""
+        if self.annotators is None or not self._metric_active():
+            return False
+        return not training or self.state.global_step % self.args.annotator_interval == 0
 
     # ---- global-batch statistics -----------------------------------------------------------------------
     def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
@@ -234,15 +246,24 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         return self.accelerator.gather(values.detach().float().contiguous())
 
     # ---- loss ------------------------------------------------------------------------------------------
-    def adaptive_terms(self, annotator_logits: torch.Tensor, logits: torch.Tensor):
-        """Minority score u, weights W(u) and margins gamma(u) for one step (all detached, global-batch statistics)."""
+    def minority_scores(self, annotator_logits: torch.Tensor, inputs, training: bool) -> torch.Tensor:
+        """The metric u per pair: exact from the annotators' logits, or (amortised steps) from the pair history."""
         args = self.args
+        if annotator_logits.shape[0] == 1 and self.annotators is not None:  # amortised step between refreshes
+            return self.pair_history.mean(inputs["row_index"]).to(annotator_logits.device)
         normalizers = self._global_mean(annotator_logits.pow(2)).sqrt() if args.metric_normalize == "rms" else None
         u = minority_score(annotator_logits, args.metric_rho, normalizers)
+        if training and self.pair_history is not None:
+            self.pair_history.record(self._gather(inputs["row_index"]), self._gather(u))
+        return u
+
+    def adaptive_terms(self, u: torch.Tensor, logits: torch.Tensor):
+        """Weights W(u) and margins gamma(u) for one step (detached, global-batch statistics)."""
+        args = self.args
         weights = minority_weights(u, args.weight_fn, args.weight_scale, args.weight_intercept)
         mean_logit = self._global_mean(logits) if args.margin != "none" else 0.0
         margins = adaptive_margin(u, args.margin, mean_logit, args.effective_margin_scale)
-        return u, weights, margins
+        return weights, margins
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
@@ -250,7 +271,9 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         logits = out["logits"][0]
         u = weights = margins = None
         if self.args.adaptive and self._metric_active():
-            u, weights, margins = self.adaptive_terms(torch.stack([x.detach() for x in out["logits"]]), logits)
+            annotator_logits = torch.stack([x.detach() for x in out["logits"]])
+            u = self.minority_scores(annotator_logits, inputs, training=mode == "train")
+            weights, margins = self.adaptive_terms(u, logits)
         losses = preference_loss(logits, self.args.beta, self.args.loss_type, self.args.label_smoothing, weights, margins)
         self._record_metrics(mode, out, u, weights, margins, inputs)
         loss = losses.mean()
@@ -338,13 +361,19 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
     # The annotators are training state like the optimizer's moments: saved and restored beside them.
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.annotators is not None and self.args.should_save:
-            self.annotators.save(output_dir)
+        if self.args.should_save:
+            if self.annotators is not None:
+                self.annotators.save(output_dir)
+            if self.pair_history is not None:
+                self.pair_history.save(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.annotators is not None:
-            self.annotators.load(checkpoint)
+        if checkpoint is not None:
+            if self.annotators is not None:
+                self.annotators.load(checkpoint)
+            if self.pair_history is not None:
+                self.pair_history.load(checkpoint)
 
     # ---- model card ------------------------------------------------------------------------------------
     def _write_model_card(self, folder: str) -> None:
