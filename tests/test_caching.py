@@ -67,37 +67,48 @@ def test_round_trip_matches_direct_encoding(dataset, tmp_path):
     assert again.folder == cache.folder and os.path.getmtime(os.path.join(again.folder, "manifest.json")) == mtime
 
 
-def test_collator_replays_sampling_flip_and_empty_prompts(dataset, tmp_path):
+def test_collator_and_family_replay_sampling_flip_and_empty_prompts(dataset, tmp_path):
     family = _family()
     cache = open_or_build_cache(family, dataset, str(tmp_path), model_name="tiny", resolution=RESOLUTION,
                                 random_flip=True)
     rows = [cache[i] for i in range(4)]
-    plain = CachedPreferenceCollator(cache.empty_prompt_text())
-    torch.manual_seed(0)
-    first, second = plain(rows), plain(rows)
-    assert not torch.equal(first["latents_chosen"], second["latents_chosen"])  # fresh posterior draws
+    batch = CachedPreferenceCollator(cache.empty_prompt_text())(rows)
     means = torch.stack([r["chosen.mean"] for r in rows])
-    stds = torch.stack([r["chosen.std"] for r in rows])
-    z = (first["latents_chosen"] - means) / stds
-    assert z.abs().max() < 6 and 0.5 < z.std() < 1.5  # draws are mean + std * standard normal
-    mirror_or_prompt_dropout = CachedPreferenceCollator(cache.empty_prompt_text(), random_flip=True,
-                                                        empty_prompt_probability=1.0)
-    batch = mirror_or_prompt_dropout(rows)
+    torch.testing.assert_close(batch["latents_chosen"], means)
+    torch.testing.assert_close(batch["latents_chosen_std"], torch.stack([r["chosen.std"] for r in rows]))
+    # The family draws mean + std * noise from the cached posterior, with the generator it would use on pixels.
+    draw = family.latents(batch, "chosen", generator=torch.Generator().manual_seed(0))
+    again = family.latents(batch, "chosen", generator=torch.Generator().manual_seed(0))
+    other = family.latents(batch, "chosen", generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(draw, again)
+    assert not torch.equal(draw, other)
+    z = (draw - means) / batch["latents_chosen_std"]
+    assert z.abs().max() < 6 and 0.5 < z.std() < 1.5
+
+    dropout_and_mirror = CachedPreferenceCollator(cache.empty_prompt_text(), random_flip=True,
+                                                  empty_prompt_probability=1.0, seed=0)
+    batch = dropout_and_mirror(rows)
     assert batch["prompts"] == [""] * 4
     torch.testing.assert_close(batch["prompt_embeds"][0], cache.empty_prompt_text()["prompt_embeds"])
     flipped_means = torch.stack([r["chosen_flipped.mean"] for r in rows])
     picks = []
-    for _ in range(8):  # each pair is mirrored with p = 1/2: 32 draws
-        latents = mirror_or_prompt_dropout(rows)["latents_chosen"]
-        picks += [bool((latents[i] - flipped_means[i]).abs().mean() < (latents[i] - means[i]).abs().mean()) for i in range(4)]
+    for epoch in range(8):  # each pair is mirrored with p = 1/2, decided by (seed, epoch, row): 32 draws
+        dropout_and_mirror.set_epoch(epoch)
+        latents = dropout_and_mirror(rows)["latents_chosen"]
+        picks += [torch.equal(latents[i], flipped_means[i]) for i in range(4)]
+        assert all(torch.equal(latents[i], flipped_means[i]) or torch.equal(latents[i], means[i]) for i in range(4))
     assert 0 < sum(picks) < len(picks)
+    dropout_and_mirror.set_epoch(3)
+    torch.testing.assert_close(dropout_and_mirror(rows)["latents_chosen"], dropout_and_mirror(rows)["latents_chosen"])
+
     # Mean mode stores no std, so latents are exactly the means.
     mean_family = _family(sample_latents=False)
     mean_cache = open_or_build_cache(mean_family, dataset, str(tmp_path), model_name="tiny", resolution=RESOLUTION,
                                      random_flip=False)
     assert mean_cache.folder != cache.folder and "chosen.std" not in mean_cache[0]
     batch = CachedPreferenceCollator(mean_cache.empty_prompt_text())([mean_cache[i] for i in range(2)])
-    torch.testing.assert_close(batch["latents_chosen"][1], mean_cache[1]["chosen.mean"])
+    assert "latents_chosen_std" not in batch
+    torch.testing.assert_close(mean_family.latents(batch, "chosen"), torch.stack([mean_cache[i]["chosen.mean"] for i in range(2)]))
 
 
 def test_key_changes_with_everything_the_tensors_depend_on(dataset):
@@ -133,9 +144,9 @@ def test_random_crop_with_cache_is_rejected(tmp_path):
         AdaptiveDPOConfig(output_dir=str(tmp_path), cache_dir=str(tmp_path / "c"), random_crop=True)
 
 
-def _trainer(tmp_path, name, cache_dir, dataset):
+def _trainer(tmp_path, name, cache_dir, dataset, latent_sampling):
     args = AdaptiveDPOConfig(
-        output_dir=str(tmp_path / name), resolution=RESOLUTION, cache_dir=cache_dir, latent_sampling="mean",
+        output_dir=str(tmp_path / name), resolution=RESOLUTION, cache_dir=cache_dir, latent_sampling=latent_sampling,
         per_device_train_batch_size=4, max_steps=2, report_to=[], save_strategy="no", use_cpu=True,
         annotator_decays=[0.9, 0.5],
     )
@@ -143,18 +154,21 @@ def _trainer(tmp_path, name, cache_dir, dataset):
                                        peft_config=LoraConfig(**LORA))
 
 
-def test_training_from_cache_equals_training_from_pixels(dataset, tmp_path):
-    from_pixels = _trainer(tmp_path, "pixels", None, dataset)
-    from_cache = _trainer(tmp_path, "cached", str(tmp_path / "cache"), dataset)
+@pytest.mark.parametrize("latent_sampling", ["mean", "sample"])
+def test_training_from_cache_equals_training_from_pixels(dataset, tmp_path, latent_sampling):
+    from_pixels = _trainer(tmp_path, "pixels", None, dataset, latent_sampling)
+    from_cache = _trainer(tmp_path, "cached", str(tmp_path / "cache"), dataset, latent_sampling)
     assert isinstance(from_cache.train_dataset, CachedPreferenceDataset)
     pixel_batch = from_pixels.data_collator([from_pixels.train_dataset[i] for i in range(4)])
     cached_batch = from_cache.data_collator([from_cache.train_dataset[i] for i in range(4)])
     assert "pixel_values_chosen" not in cached_batch and "latents_chosen" in cached_batch
     losses = []
     for trainer, batch in ((from_pixels, pixel_batch), (from_cache, cached_batch)):
-        torch.manual_seed(123)  # the same noise and timesteps for both
+        torch.manual_seed(123)  # the same posterior draws, noise and timesteps for both
         losses.append(trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch)))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    if latent_sampling == "mean":
+        return
     # And the cached trainer trains: its LoRA weights move.
     before = {n: p.detach().clone() for n, p in from_cache.model.named_parameters() if p.requires_grad}
     from_cache.train()

@@ -30,6 +30,7 @@ import os
 import shutil
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -340,13 +341,15 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
 
 
 class CachedPreferenceCollator:
-    """Batches cached rows into what `pair_forward` reads: ``latents_{chosen,rejected}``, the text tensors
-    (``prompt_embeds``, ...), ``prompts`` and the pass-through fields.
+    """Batches cached rows into what `pair_forward` reads: ``latents_{chosen,rejected}`` (posterior means) with
+    ``latents_{chosen,rejected}_std`` when the cache has them (the family draws ``mean + std * noise`` with the
+    pair's generator, as it would from pixels), the text tensors (``prompt_embeds``, ...), ``prompts`` and the
+    pass-through fields (``row_index``, sizes, crops, ``flipped``).
 
-    Augmentation replayed per pair, with torch's global RNG like `PreferenceCollator`: a latent draw
-    ``mean + std * noise`` (when the cache has std), a random mirror image (when built with flips and
-    `random_flip`), and the prompt replaced by "" with `empty_prompt_probability`. Rows that are not cached rows
-    (an uncached dataset passed to `evaluate`) go to `fallback`, the pixel collator.
+    Augmentation decided here, like `PreferenceCollator` and with the same draws from a generator seeded with
+    ``(seed, epoch, row_index)``: a mirror image with `random_flip` (the cache must hold mirrored latents), and the
+    prompt replaced by "" with `empty_prompt_probability`. Rows that are not cached rows (an uncached dataset
+    passed to `evaluate`) go to `fallback`, the pixel collator.
     """
 
     def __init__(
@@ -354,48 +357,51 @@ class CachedPreferenceCollator:
         empty_prompt_text: dict[str, torch.Tensor],
         random_flip: bool = False,
         empty_prompt_probability: float = 0.0,
+        seed: int = 0,
         fallback=None,
     ):
         self.empty_prompt_text = empty_prompt_text
         self.random_flip = random_flip
         self.empty_prompt_probability = empty_prompt_probability
+        self.seed = seed
+        self.epoch = 0
         self.fallback = fallback
 
-    def _latents(self, row: dict, side: str, flip: bool) -> torch.Tensor:
-        variant = f"{side}_flipped" if flip else side
-        if f"{variant}.mean" not in row:
-            raise ValueError(f"row {int(row['row_index'])}: the cache has no mirrored latents; rebuild it with random_flip")
-        mean = row[f"{variant}.mean"]
-        std = row.get(f"{variant}.std")
-        if std is None:
-            return mean
-        return (mean.float() + std.float() * torch.randn(mean.shape)).to(mean.dtype)
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.fallback, "set_epoch"):
+            self.fallback.set_epoch(epoch)
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         if rows and "prompt_index" not in rows[0]:
             if self.fallback is None:
                 raise ValueError("CachedPreferenceCollator got rows that are not from a latent cache")
             return self.fallback(rows)
-        latents = {side: [] for side in SIDES}
-        text: dict[str, list[torch.Tensor]] = {}
+        batch: dict[str, list] = {}
         prompts = []
-        for row in rows:
-            flip = bool(self.random_flip and torch.rand(()) < 0.5)
+        for position, row in enumerate(rows):
+            row_index = int(row["row_index"])
+            rng = np.random.default_rng([self.seed, self.epoch, row_index if row_index >= 0 else position])
+            flip = bool(self.random_flip and rng.random() < 0.5)
             for side in SIDES:
-                latents[side].append(self._latents(row, side, flip))
-            row_text, prompt = row["text"], row["prompt"]
-            if self.empty_prompt_probability and float(torch.rand(())) < self.empty_prompt_probability:
-                row_text, prompt = self.empty_prompt_text, ""
-            for name, value in row_text.items():
-                text.setdefault(name, []).append(value)
+                variant = f"{side}_flipped" if flip else side
+                if f"{variant}.mean" not in row:
+                    raise ValueError(f"row {row_index}: the latent cache has no mirrored latents; rebuild it with random_flip")
+                batch.setdefault(f"latents_{side}", []).append(row[f"{variant}.mean"])
+                if f"{variant}.std" in row:
+                    batch.setdefault(f"latents_{side}_std", []).append(row[f"{variant}.std"])
+            text, prompt = row["text"], row["prompt"]
+            if self.empty_prompt_probability and rng.random() < self.empty_prompt_probability:
+                text, prompt = self.empty_prompt_text, ""
+            for name, value in text.items():
+                batch.setdefault(name, []).append(value)
             prompts.append(prompt)
-        batch = {f"latents_{side}": torch.stack(latents[side]) for side in SIDES}
-        batch.update({name: torch.stack(values) for name, values in text.items()})
-        batch["prompts"] = prompts
-        for name in PASSTHROUGH_FIELDS:
-            if name in rows[0]:
-                batch[name] = torch.stack([row[name] for row in rows])
-        return batch
+            for name in PASSTHROUGH_FIELDS:
+                if name in row:
+                    batch.setdefault(name, []).append(row[name])
+        out: dict[str, Any] = {name: torch.stack(values) for name, values in batch.items()}
+        out["prompts"] = prompts
+        return out
 
 
 def open_or_build_cache(
@@ -443,5 +449,6 @@ def use_latent_cache(trainer) -> None:
         empty_text,
         random_flip=args.random_flip,
         empty_prompt_probability=args.empty_prompt_probability,
+        seed=args.seed,
         fallback=pixel_collator,
     )

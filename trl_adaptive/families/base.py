@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -53,11 +54,18 @@ class DiffusionFamily(ABC):
     def encode_prompts(self, prompts: list[str]) -> dict[str, Any]:
         """Text conditioning for the denoiser, as keyword arguments of its forward (one row per prompt)."""
 
+    @abstractmethod
+    def encode_images(self, pixel_values: torch.Tensor, generator=None) -> torch.Tensor:
+        """Images in [-1, 1], shape (N, 3, H, W), to the denoiser's (scaled) input space.
+
+        `generator` (one `torch.Generator`, or a list with one per image) drives the VAE posterior sample.
+        """
+
     @torch.no_grad()
     def image_latent_distribution(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Mean and standard deviation of the VAE posterior of images in [-1, 1], shape (N, 3, H, W), already shifted
-        and scaled into the denoiser's input space (so a latent is ``mean + std * noise``). Pixel-space pipelines
-        (``vae`` None) return the pixels and ``None``."""
+        """Mean and standard deviation of the VAE posterior of images in [-1, 1], shape (N, 3, H, W), shifted and
+        scaled into the denoiser's input space (a latent is ``mean + std * noise``). Pixel-space pipelines (``vae``
+        None) return the pixels and ``None``."""
         vae = getattr(self.pipeline, "vae", None)
         if vae is None:
             return pixel_values, None
@@ -66,25 +74,23 @@ class DiffusionFamily(ABC):
         scale = vae.config.scaling_factor
         return (posterior.mean - shift) * scale, posterior.std * scale
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], shape (N, 3, H, W), to the denoiser's (scaled) input space: a draw from the VAE
-        posterior, or its mean when `sample_latents` is False."""
-        mean, std = self.image_latent_distribution(pixel_values)
+    def draw_latents(self, mean: torch.Tensor, std: torch.Tensor | None, generator=None) -> torch.Tensor:
+        """A latent from a posterior given by `mean` and `std` (`std` None, or `sample_latents` False: the mean)."""
         if std is None or not self.sample_latents:
             return mean
-        return mean + std * torch.randn_like(mean)
+        return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
     # ---- what a latent cache stores (see trl_adaptive.caching) ----------------------------------------
     def cache_images(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-image tensors a cache keeps so that `encode_images` can be replayed without the VAE: the posterior
-        ``mean``, plus its ``std`` when latents are sampled."""
+        """Per-image tensors a latent cache keeps so that `latents` can replay `encode_images` without the VAE:
+        the posterior ``mean``, plus its ``std`` when latents are sampled."""
         mean, std = self.image_latent_distribution(pixel_values)
         return {"mean": mean} if std is None or not self.sample_latents else {"mean": mean, "std": std}
 
     def cache_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Per-prompt tensors a cache keeps, read back by `conditioning_from_cache`. Must contain ``prompt_embeds``
-        (its presence marks a cached batch); families with more text conditioning (SDXL's pooled embeddings)
-        override both methods."""
+        """Per-prompt tensors a latent cache keeps, read back by `conditioning_from_cache` (one row per prompt).
+        Must contain ``prompt_embeds``, whose presence marks a cached batch; families with more text conditioning
+        (SDXL's ``pooled_prompt_embeds``) override both methods."""
         return {"prompt_embeds": self.encode_prompts(prompts)["encoder_hidden_states"]}
 
     def extra_conditioning(self, batch: dict[str, Any], conditioning: dict[str, Any]) -> dict[str, Any]:
@@ -103,11 +109,13 @@ class DiffusionFamily(ABC):
         """Denoiser keyword arguments from cached text embeddings (see `trl_adaptive.caching`)."""
         return {"encoder_hidden_states": batch["prompt_embeds"]}
 
-    def latents(self, batch: dict[str, Any], key: str) -> torch.Tensor:
-        """Latents of `chosen` or `rejected` images: cached ones when the batch has them, else encoded pixels."""
+    def latents(self, batch: dict[str, Any], key: str, generator=None) -> torch.Tensor:
+        """Latents of `chosen` or `rejected` images: cached ones when the batch has them, else encoded pixels
+        (`generator`: see `encode_images`). A latent cache gives ``latents_{key}`` as the posterior mean with
+        ``latents_{key}_std`` beside it: the draw is made here, with the same generator the pixels would use."""
         if f"latents_{key}" in batch:
-            return batch[f"latents_{key}"]
-        return self.encode_images(batch[f"pixel_values_{key}"])
+            return self.draw_latents(batch[f"latents_{key}"], batch.get(f"latents_{key}_std"), generator)
+        return self.encode_images(batch[f"pixel_values_{key}"], generator=generator)
 
     # ---- forward process -------------------------------------------------------------------------------
     def sample_timesteps(self, batch_size: int, device: torch.device, generator=None) -> torch.Tensor:

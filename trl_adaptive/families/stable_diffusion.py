@@ -36,3 +36,6 @@ class StableDiffusionFamily(DiffusionFamily):
         ids = self.tokenize(self.pipeline.tokenizer, prompts).to(encoder.device)
         return {"encoder_hidden_states": encoder(ids)[0]}
 
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, generator=None) -> torch.Tensor:
+        return self.draw_latents(*self.image_latent_distribution(pixel_values), generator=generator)
