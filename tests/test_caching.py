@@ -164,9 +164,20 @@ def test_training_from_cache_equals_training_from_pixels(dataset, tmp_path, late
     assert "pixel_values_chosen" not in cached_batch and "latents_chosen" in cached_batch
     losses = []
     for trainer, batch in ((from_pixels, pixel_batch), (from_cache, cached_batch)):
+        # Move the policy and the annotators away from the reference, identically in both trainers: at the initial
+        # weights every logit is 0 up to rounding, which the RMS-normalised metric would amplify into noise.
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for param in (p for p in trainer.model.parameters() if p.requires_grad):
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+            for shadow in trainer.annotators.shadows:
+                for tensor in shadow.values():
+                    tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
         torch.manual_seed(123)  # the same posterior draws, noise and timesteps for both
         losses.append(trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch)))
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    # Equal up to float rounding (the cache encodes prompts in other batches), which beta = 2500 amplifies to ~1e-4.
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-3, atol=1e-6)
+    assert losses[0] > 0.01  # so the relative tolerance above is meaningful
     if latent_sampling == "mean":
         return
     # And the cached trainer trains: its LoRA weights move.

@@ -139,6 +139,14 @@ class AdaptiveDPOConfig(TrainingArguments):
             "random_crop. See docs/caching.md."
         },
     )
+    batch_frozen_forwards: bool = field(
+        default=True,
+        metadata={
+            "help": "With LoRA and EMA annotators, run the reference and all annotators as one batched UNet call "
+            "(peft mixed-adapter batches: the base weights are read once, each annotator's LoRA update goes to its "
+            "own rows). False runs them one after another. Ignored without LoRA and under DeepSpeed."
+        },
+    )
     # ---- Overrides of TrainingArguments defaults ---------------------------------------------------------
     learning_rate: float = field(
         default=1e-5, metadata={"help": "AdamW learning rate. Default 1e-5 (diffusers LoRA recipe, Adaptive-DPO README)."}

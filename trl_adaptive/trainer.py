@@ -25,6 +25,7 @@ from .config import AdaptiveDPOConfig
 from .data import PreferenceCollator, detect_schema, prepare_preference_dataset
 from .families import family_for, load_pipeline
 from .history import PairHistory
+from .lora_batching import LoraFrozenForwards, supports_mixed_adapter_batches
 from .losses import (
     adaptive_margin,
     denoising_error,
@@ -50,7 +51,7 @@ class AnnotatorUpdateCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.annotators is not None:
-            self.trainer.annotators.update(self.trainer.accelerator.unwrap_model(self.trainer.model))
+            self.trainer.annotators.update(self.trainer.unwrapped(self.trainer.model))
 
 
 def _pair_repeat(conditioning):
@@ -147,6 +148,11 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             self.ref_model.to(device=device, dtype=self.weight_dtype)
         if self.annotators is not None:
             self.annotators.to(device)
+        self.lora_forwards = None  # LoRA reference (and batched annotators) without walking the module tree
+        if peft_config is not None and supports_mixed_adapter_batches(peft_config) and not self.is_deepspeed_enabled:
+            self.lora_forwards = LoraFrozenForwards(
+                denoiser, peft_config, self.annotators, batch_annotators=args.batch_frozen_forwards
+            )
         if args.cache_dir is not None:
             use_latent_cache(self)  # encodes the datasets once (or finds their cache) and swaps in the cached collator
 
@@ -177,6 +183,14 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         return reference.requires_grad_(False).eval()
 
     # ---- the paired forward ----------------------------------------------------------------------------
+    def unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`accelerator.unwrap_model(model)`, memoised: accelerate walks every module (a torch.compile check) on each
+        call, milliseconds per step on a UNet."""
+        cached = getattr(self, "_unwrap_cache", None)
+        if cached is None or cached[0] is not model:
+            cached = self._unwrap_cache = (model, self.accelerator.unwrap_model(model))
+        return cached[1]
+
     @contextmanager
     def _adapters_disabled(self, denoiser):
         denoiser.disable_adapters()
@@ -192,14 +206,26 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         with self._adapters_disabled(denoiser):
             return self.family.predict(denoiser, noisy, timesteps, conditioning)
 
-    def _annotator_logits(self, denoiser, noisy, timesteps, conditioning, target, reference_errors):
-        """Diffusion-DPO logits of the same pairs under each EMA annotator (no gradient)."""
-        logits = []
-        for k in range(len(self.annotators)):
-            as_annotator = lambda *a, _k=k, **kw: self.annotators(_k, denoiser, *a, **kw)  # noqa: E731
-            errors = denoising_error(self.family.predict(as_annotator, noisy, timesteps, conditioning), target)
-            logits.append(dpo_logits(*errors.chunk(2), *reference_errors.chunk(2)))
-        return logits
+    @torch.no_grad()
+    def _frozen_predictions(self, denoiser, noisy, timesteps, conditioning, with_annotators: bool):
+        """Reference prediction and one per EMA annotator (if `with_annotators`), without gradient, under the
+        training's autocast. With LoRA they run as one batched call (`trl_adaptive.lora_batching`)."""
+        lora = self.lora_forwards
+        with self.accelerator.autocast():
+            if lora is not None and lora.batches_annotators and with_annotators:
+                reference, *annotators = lora.reference_and_annotators(self.family, denoiser, noisy, timesteps, conditioning)
+                return reference, annotators
+            if lora is not None:
+                reference = lora.reference(self.family, denoiser, noisy, timesteps, conditioning)
+            else:
+                reference = self._reference_prediction(denoiser, noisy, timesteps, conditioning)
+            if not with_annotators:
+                return reference, []
+            annotators = []
+            for k in range(len(self.annotators)):
+                as_annotator = lambda *a, _k=k, **kw: self.annotators(_k, denoiser, *a, **kw)  # noqa: E731
+                annotators.append(self.family.predict(as_annotator, noisy, timesteps, conditioning))
+            return reference, annotators
 
     def pair_forward(self, model, inputs, generator=None) -> dict[str, torch.Tensor]:
         """Policy, reference and annotator denoising errors of each pair on shared noise and timestep.
@@ -217,12 +243,17 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         target = family.target(latents, noise, timesteps)
         conditioning = _pair_repeat(family.condition(inputs))
 
-        denoiser = self.accelerator.unwrap_model(model)
+        denoiser = self.unwrapped(model)
+        # The no-gradient forwards run first, so their activations never coexist with the policy's saved ones.
+        reference, annotators = self._frozen_predictions(
+            denoiser, noisy, timesteps, conditioning, with_annotators=self._annotators_due(model.training)
+        )
+        reference_errors = denoising_error(reference, target)
         policy_errors = denoising_error(family.predict(model, noisy, timesteps, conditioning), target)
-        reference_errors = denoising_error(self._reference_prediction(denoiser, noisy, timesteps, conditioning), target)
         logits = [dpo_logits(*policy_errors.chunk(2), *reference_errors.chunk(2))]
-        if self._annotators_due(model.training):
-            logits += self._annotator_logits(denoiser, noisy, timesteps, conditioning, target, reference_errors)
+        for prediction in annotators:
+            errors = denoising_error(prediction, target)
+            logits.append(dpo_logits(*errors.chunk(2), *reference_errors.chunk(2)))
         return {"policy_errors": policy_errors, "reference_errors": reference_errors, "logits": logits}
 
     def _metric_active(self) -> bool:
