@@ -3,9 +3,10 @@
 With LoRA, the reference is the base UNet (adapters off) and each EMA annotator is the base UNet plus its own
 low-rank update, so the no-gradient forwards of a step differ only in which LoRA update each row gets. peft's LoRA
 layers take ``adapter_names=[...]``, one name per row: the base layer runs once on the whole batch and each
-adapter's update is added to its own rows only (``"__base__"`` rows get none). This module registers the EMA
-shadows as extra adapters ``ema_0``, ``ema_1``, ... whose weights *are* the shadow tensors (no copy: the EMA update
-writes into them), and runs reference + annotators as one call on a (1 + K) * 2B batch.
+adapter's update is added to its own rows only (``"__base__"`` rows get none). This module adds extra adapters
+``ema_0``, ``ema_1``, ... whose weights *are* the EMA shadow tensors (no copy: the EMA update writes into them; held
+as plain tensors, so they are not model parameters or state), and runs reference + annotators as one call on a
+(1 + K) * 2B batch.
 
 Why: one big call instead of 1 + K small ones keeps a GPU busier at small per-device batches and launches each
 kernel once; the base weights are read once. The cost is a larger transient activation peak (no gradient, so
@@ -53,8 +54,8 @@ class LoraFrozenForwards:
     Args:
         denoiser: the UNet with its trained adapter (`trained_adapter`) already added.
         peft_config: the trained adapter's config (rank, alpha, targets), reused for the annotator adapters.
-        annotators: the `EMAAnnotators` of that adapter's parameters, or None. With `batch_annotators`, their shadows
-            are rebound to new adapters ``ema_0``, ``ema_1``, ... (same tensors, no copy).
+        annotators: the `EMAAnnotators` of that adapter's parameters, or None. With `batch_annotators`, their shadow
+            tensors become the weights of new adapters ``ema_0``, ``ema_1``, ... (no copy).
     """
 
     def __init__(self, denoiser: torch.nn.Module, peft_config, annotators=None, batch_annotators: bool = True,
@@ -79,14 +80,15 @@ class LoraFrozenForwards:
             param.requires_grad_(name in trainable)
         marker = f".{trained_adapter}."
         for k, adapter in enumerate(self.adapter_names):
-            rebound = {}
             for name, shadow in annotators.shadows[k].items():
                 if marker not in name:
                     raise ValueError(f"trainable parameter {name} is not part of LoRA adapter {trained_adapter!r}")
-                param = params[name.replace(marker, f".{adapter}.")]
-                param.data = shadow  # the adapter weight IS the fp32 shadow: no copy, EMA updates land here
-                rebound[name] = param
-            annotators.shadows[k] = rebound
+                module_name, _, attribute = name.replace(marker, f".{adapter}.").rpartition(".")
+                module = denoiser.get_submodule(module_name)
+                # The adapter's weight becomes the fp32 shadow tensor itself (no copy: EMA updates land here), held as
+                # a plain attribute, not a Parameter: it stays out of parameters(), state_dict() and optimizers.
+                delattr(module, attribute)
+                setattr(module, attribute, shadow)
 
     def _call(self, groups: list[str], family, denoiser, noisy, timesteps, conditioning) -> list[torch.Tensor]:
         names = [group for group in groups for _ in range(noisy.shape[0])]
