@@ -114,6 +114,73 @@ def pipeline_from_config_folder(folder: str, seed: int = 0):
     return getattr(diffusers, index["_class_name"])(**components, **extra)
 
 
+def meta_flops(folder: str, resolution: int | None) -> dict[str, float]:
+    """FLOPs of one UNet forward and one VAE encode per image and of the text encoders per prompt, counted on the
+    meta device (shapes only: no weights, no compute), at the model's native resolution unless given."""
+    import diffusers
+    from transformers import AutoConfig
+
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    modules = {}
+    with torch.device("meta"):
+        for name, spec in index.items():
+            if not isinstance(spec, list) or spec[0] is None or name in ("scheduler",) or name.startswith("tokenizer"):
+                continue
+            library, class_name = spec
+            cls = getattr(importlib.import_module(library), class_name)
+            path = os.path.join(folder, name)
+            if library == "diffusers":
+                modules[name] = cls.from_config(cls.load_config(path))
+            elif name.startswith("text_encoder"):
+                modules[name] = cls(AutoConfig.from_pretrained(path))
+    unet, vae = modules["unet"], modules["vae"]
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = resolution or unet.config.sample_size * scale
+    size = resolution // scale
+    meta = dict(device="meta")
+    hidden = torch.zeros(1, 77, unet.config.cross_attention_dim, **meta)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and six time ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, pooled, **meta), "time_ids": torch.zeros(1, 6, **meta)}}
+    with torch.no_grad():
+        counts = {
+            "resolution": resolution,
+            "unet_forward": count_flops(lambda: unet(torch.zeros(1, unet.config.in_channels, size, size, **meta),
+                                                     torch.tensor([500], **meta), hidden, **extra)),
+            "vae_encode": count_flops(lambda: vae.encode(torch.zeros(1, 3, resolution, resolution, **meta))),
+            "text_encoders": sum(
+                count_flops(lambda m=m: m(torch.zeros(1, 77, dtype=torch.long, **meta)))
+                for n, m in modules.items() if n.startswith("text_encoder")
+            ),
+        }
+    return counts
+
+
+def print_flop_arithmetic(folder: str, resolution: int | None, interval: int) -> None:
+    """Expected per-pair FLOPs of every case from counted component FLOPs (backward = 2x forward for full
+    fine-tuning, 1x with LoRA, where only activation gradients flow through the frozen weights)."""
+    c = meta_flops(folder, resolution)
+    unet, vae, text = c["unet_forward"], c["vae_encode"], c["text_encoders"]
+    print(f"FLOPs counted on the meta device for {folder} at {c['resolution']} px (FlopCounterMode):")
+    print(f"  UNet forward {unet / 1e12:.3f} TFLOP/image, VAE encode {vae / 1e12:.3f} TFLOP/image, "
+          f"text encoder(s) {text / 1e12:.4f} TFLOP/prompt")
+    print("| mode | (a) ref loop | (b) plain | (b+cache) | (c) exact | (c+cache) | (d+cache) | c/b | (c+cache)/(b+cache) "
+          "| (d+cache)/(b+cache) | a/(b+cache) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for mode, units in (("LoRA", 6), ("full", 8)):
+        plain = units * unet
+        encode = 2 * vae + text
+        annotators = 4 * unet
+        a, b, bc = plain + encode, plain + encode, plain
+        cc, dc = plain + annotators, plain + annotators / interval
+        cells = [x / 1e12 for x in (a, b, bc, b + annotators, cc, dc)]
+        print(f"| {mode} | " + " | ".join(f"{x:.2f}" for x in cells)
+              + f" | {(b + annotators) / b:.3f} | {cc / bc:.3f} | {dc / bc:.3f} | {a / bc:.3f} |")
+    print("(TFLOP per pair; d uses --interval; cached cases skip the VAE and text encoders)")
+
+
 def default_resolution(pipeline) -> int:
     return pipeline.unet.config.sample_size * getattr(pipeline, "vae_scale_factor", 8)
 
@@ -266,7 +333,8 @@ def run_reference_loop(case: Case, template, batches, opts, device, weight_dtype
     case.flops = count_flops(counted_step)
     with torch.no_grad():  # FLOPs of one UNet forward on one image, for the arithmetic of the targets
         batch = batches[0]
-        latents = torch.zeros(1, unet.config.in_channels, *([unet.config.sample_size] * 2), device=device, dtype=weight_dtype)
+        size = opts.resolution // 2 ** (len(vae.config.block_out_channels) - 1)  # the latents of a training image
+        latents = torch.zeros(1, unet.config.in_channels, size, size, device=device, dtype=weight_dtype)
         hidden = text_encoder(batch["input_ids"][:1].to(device))[0]
         with autocast:
             case.extra["unet_forward_flops_per_image"] = count_flops(
@@ -500,6 +568,11 @@ def parse_args(argv=None):
         "machine's load inflates wall time; CPU time is only meaningful with --threads 1)",
     )
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--flops-only", action="store_true",
+        help="with --arch-dir: only count FLOPs on the meta device (no weights, runs anywhere in seconds) and print the "
+        "FLOP ratios every case should show on a GPU",
+    )
     opts = parser.parse_args(argv)
     if opts.steps < 10:
         print(f"warning: --steps {opts.steps} < 10: medians are not meaningful (use this only for smoke tests)")
@@ -531,6 +604,11 @@ def build_cases(opts) -> list[Case]:
 
 def main(argv=None) -> dict[str, dict]:
     opts = parse_args(argv)
+    if opts.flops_only:
+        if not opts.arch_dir:
+            raise SystemExit("--flops-only needs --arch-dir")
+        print_flop_arithmetic(opts.arch_dir, opts.resolution, opts.interval)
+        return {}
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
