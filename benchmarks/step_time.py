@@ -257,10 +257,14 @@ def run_reference_loop(case: Case, template, batches, opts, device, weight_dtype
 
     started = time.perf_counter()
     pipe = copy.deepcopy(template)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    vae.requires_grad_(False).to(device, weight_dtype)
-    text_encoder.requires_grad_(False).to(device, weight_dtype)
+    for encoder in (text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if encoder is not None:
+            encoder.requires_grad_(False).to(device, weight_dtype)
+    # The SDXL script keeps its VAE in float32 (it overflows in float16), as its config's force_upcast says.
+    vae.requires_grad_(False).to(device, torch.float32 if vae.config.get("force_upcast", False) and sdxl else weight_dtype)
     reference = None
     if opts.lora:
         unet.requires_grad_(False).to(device, weight_dtype)
@@ -277,28 +281,43 @@ def run_reference_loop(case: Case, template, batches, opts, device, weight_dtype
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     unet.train()
 
+    def encode_text(batch, pairs: int) -> dict:
+        """Denoiser text conditioning for the 2B images (SD: CLIP last hidden state; SDXL: both encoders' penultimate
+        states, pooled embedding and fixed size/crop time ids, as the SDXL script)."""
+        with torch.no_grad():
+            if not sdxl:
+                return {"encoder_hidden_states": text_encoder(batch["input_ids"].to(device))[0].repeat(2, 1, 1)}
+            hidden, _, pooled, _ = pipe.encode_prompt(
+                batch["prompts"], device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        size = opts.resolution
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=hidden.dtype).repeat(2 * pairs, 1)
+        return {
+            "encoder_hidden_states": hidden.repeat(2, 1, 1),
+            "added_cond_kwargs": {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids},
+        }
+
     def step(batch):
-        pixels = torch.cat([batch["pixel_values_chosen"], batch["pixel_values_rejected"]]).to(device, weight_dtype)
-        input_ids = batch["input_ids"].to(device)
+        pixels = torch.cat([batch["pixel_values_chosen"], batch["pixel_values_rejected"]]).to(device, vae.dtype)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        latents = latents.to(weight_dtype)
         noise = torch.randn_like(latents).chunk(2)[0].repeat(2, 1, 1, 1)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0] // 2,), device=device)
         timesteps = timesteps.repeat(2)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        with torch.no_grad():
-            hidden = text_encoder(input_ids)[0].repeat(2, 1, 1)
+        conditioning = encode_text(batch, latents.shape[0] // 2)
         with autocast:
-            prediction = unet(noisy, timesteps, hidden).sample
+            prediction = unet(noisy, timesteps, **conditioning).sample
         model_losses = (prediction.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
         model_diff = model_losses.chunk(2)[0] - model_losses.chunk(2)[1]
         with torch.no_grad(), autocast:
             if reference is None:
                 unet.disable_adapters()
-                ref_prediction = unet(noisy, timesteps, hidden).sample
+                ref_prediction = unet(noisy, timesteps, **conditioning).sample
                 unet.enable_adapters()
             else:
-                ref_prediction = reference(noisy, timesteps, hidden).sample
+                ref_prediction = reference(noisy, timesteps, **conditioning).sample
         ref_losses = (ref_prediction.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
         ref_diff = ref_losses.chunk(2)[0] - ref_losses.chunk(2)[1]
         loss = -F.logsigmoid(-opts.beta * (model_diff - ref_diff)).mean()
@@ -332,13 +351,15 @@ def run_reference_loop(case: Case, template, batches, opts, device, weight_dtype
 
     case.flops = count_flops(counted_step)
     with torch.no_grad():  # FLOPs of one UNet forward on one image, for the arithmetic of the targets
-        batch = batches[0]
         size = opts.resolution // 2 ** (len(vae.config.block_out_channels) - 1)  # the latents of a training image
         latents = torch.zeros(1, unet.config.in_channels, size, size, device=device, dtype=weight_dtype)
-        hidden = text_encoder(batch["input_ids"][:1].to(device))[0]
+        conditioning = {  # first image of the first batch
+            k: (v[:1] if torch.is_tensor(v) else {kk: vv[:1] for kk, vv in v.items()})
+            for k, v in encode_text(batches[0], 1).items()
+        }
         with autocast:
             case.extra["unet_forward_flops_per_image"] = count_flops(
-                lambda: unet(latents, torch.tensor([500], device=device), hidden)
+                lambda: unet(latents, torch.tensor([500], device=device), **conditioning)
             )
     del pipe, unet, vae, text_encoder, reference, optimizer
     free(device)
