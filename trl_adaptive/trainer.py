@@ -9,6 +9,7 @@ differs between model families is asked of `self.family` (see `trl_adaptive.fami
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections import defaultdict
 from contextlib import contextmanager
@@ -49,6 +50,19 @@ class AnnotatorUpdateCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.annotators is not None:
             self.trainer.annotators.update(self.trainer.accelerator.unwrap_model(self.trainer.model))
+
+
+class CollatorEpochCallback(TrainerCallback):
+    """Tells the collator the epoch, so its random augmentations are a function of (seed, epoch, row) and a resumed
+    run draws the same ones as an uninterrupted run."""
+
+    def __init__(self, trainer: "AdaptiveDiffusionDPOTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.trainer.data_collator, "set_epoch"):
+            # state.epoch is fractional when resuming mid-epoch; the floor is the epoch being (re)started.
+            self.trainer.data_collator.set_epoch(math.floor(state.epoch or 0))
 
 
 def _pair_repeat(conditioning):
@@ -118,6 +132,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 random_crop=args.random_crop,
                 random_flip=args.random_flip,
                 empty_prompt_probability=args.empty_prompt_probability,
+                seed=args.seed,
             )
 
         use_annotators = args.adaptive and len(args.annotator_decays) > 0
@@ -130,7 +145,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             data_collator=data_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            callbacks=[AnnotatorUpdateCallback(self), *(callbacks or [])],
+            callbacks=[AnnotatorUpdateCallback(self), CollatorEpochCallback(self), *(callbacks or [])],
             optimizers=optimizers,
         )
         device = self.accelerator.device
