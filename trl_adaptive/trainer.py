@@ -310,12 +310,18 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
 
     # ---- evaluation ------------------------------------------------------------------------------------
     def evaluate(self, *args, **kwargs):
-        # The same noise and timesteps at every evaluation, so eval metrics are comparable across steps.
-        self._eval_generator = torch.Generator(device=self.args.device).manual_seed(self.args.seed)
-        try:
-            return super().evaluate(*args, **kwargs)
-        finally:
-            self._eval_generator = None
+        # The same noise, timesteps and VAE latent samples at every evaluation, so eval metrics are comparable across
+        # steps. The VAE samples from the global RNG, so that is seeded too, inside a fork: evaluating mid-training
+        # must not shift the training run's random stream.
+        device = self.args.device
+        forked = [] if device.type == "cpu" else [device]
+        with torch.random.fork_rng(devices=forked, device_type=device.type if forked else None):
+            torch.manual_seed(self.args.seed)
+            self._eval_generator = torch.Generator(device=device).manual_seed(self.args.seed)
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self._eval_generator = None
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
