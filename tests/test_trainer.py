@@ -210,7 +210,9 @@ def test_lora_round_trip_through_load_lora_weights(tiny_pipeline_dir, toy_pairs,
     assert os.path.isfile(output_dir / "pytorch_lora_weights.safetensors")
     for folder in (output_dir, output_dir / "checkpoint-1", output_dir / "checkpoint-2"):
         assert_model_card(folder)
-    assert f"base_model: {tiny_pipeline_dir}" in (output_dir / "README.md").read_text()
+    card = (output_dir / "README.md").read_text()
+    assert tiny_pipeline_dir in card  # named in the text; not as `base_model:`, which the Hub rejects for a folder
+    assert "base_model:" not in card.split("---")[1]
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     sample, t = torch.randn(1, 4, 8, 8), torch.tensor([400])
@@ -265,6 +267,17 @@ def test_model_card_records_ties_and_create_model_card(tmp_path):
     trainer.create_model_card(dataset_name="my/pairs")
     card = (tmp_path / "README.md").read_text()
     assert "`my/pairs`" in card and "1 ties dropped" in card and "LoRA (rank 4)" in card
+
+
+def test_model_card_names_a_hub_base_model_in_metadata(tmp_path):
+    from trl_adaptive.model_card import build_model_card
+
+    args = tiny_args(tmp_path)
+    card = build_model_card(args, "stable-diffusion-v1-5/stable-diffusion-v1-5", None, "StableDiffusionPipeline", 8, 10)
+    assert "base_model: stable-diffusion-v1-5/stable-diffusion-v1-5" in card.split("---")[1]
+    assert "full UNet" not in card and "LoRA (rank 8)" in card and "10 optimizer steps" in card
+    card = build_model_card(args, str(tmp_path), None, "StableDiffusionPipeline", None, 10)
+    assert "base_model:" not in card.split("---")[1] and "full UNet fine-tune" in card
 
 
 # ---- resume ---------------------------------------------------------------------------------------------------
