@@ -12,6 +12,10 @@ import torch
 
 # High beta drives sigmoid arguments far from zero; denormal floats then make CPU steps ~2x slower.
 torch.set_flush_denormal(True)
+# The tiny models gain nothing from intra-op threads, and on a CPU shared with other jobs OpenMP threads waiting on
+# each other made a 0.35 s run take 10 s. Set OMP_NUM_THREADS to choose otherwise.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -292,3 +292,35 @@ class PreferenceCollator:
         if rows and "flipped" in rows[0]:
             out["flipped"] = torch.tensor([bool(r["flipped"]) for r in rows])
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def load_preference_data(name_or_path: str, config: str | None = None, split: str = "train"):
+    """One split of a preference dataset from a Hub name, a folder written by `save_to_disk`, or a data file/folder.
+
+    Pick-a-Pic has moved between Hub repositories, so any name or local copy with the same columns works.
+    """
+    import datasets
+
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, marker)) for marker in ("dataset_dict.json", "dataset_info.json", "state.json")
+    ):
+        data = datasets.load_from_disk(path)
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ValueError(f"dataset_train_split/test_split {split!r} is not in {path}; it has {list(data)}")
+            data = data[split]
+        return data
+    if os.path.isfile(path):
+        extension = os.path.splitext(path)[1].lower()
+        if extension not in DATA_FILE_BUILDERS:
+            raise ValueError(f"dataset {path!r}: unsupported file type {extension!r}; use {sorted(DATA_FILE_BUILDERS)}")
+        return datasets.load_dataset(DATA_FILE_BUILDERS[extension], data_files={split: path}, split=split)
+    return datasets.load_dataset(name_or_path, config, split=split)
