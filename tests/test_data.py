@@ -112,11 +112,10 @@ def test_hpdv2_ties_are_dropped(tmp_path):
     assert dataset["row_index"] == [0, 2]
 
 
-def test_a_tie_reaching_the_collator_is_an_error():
-    dataset, _ = prepare_preference_dataset(pickapic([1, 0.5]), drop_ties=False)
-    collator = PreferenceCollator(detect_schema(dataset.column_names), 16)
-    with pytest.raises(ValueError, match="row 1.*tied"):
-        collator([dataset[0], dataset[1]])
+def test_kept_ties_train_with_the_first_image_as_winner():
+    batch = collate(pickapic([0, 0.5], first=WHITE, second=BLACK), drop_ties=False)
+    assert torch.all(batch["pixel_values_chosen"][0] == -1.0)  # label 0: the second (black) image won
+    assert torch.all(batch["pixel_values_chosen"][1] == 1.0)  # tie: the first (white) image is put first
 
 
 @pytest.mark.parametrize("bad", [2.0, -1.0, 0.3])

@@ -129,13 +129,28 @@ def test_training_moves_trainable_weights_only_and_logs_metrics(case, toy_pairs,
         assert trainer.annotators is None
 
 
-def test_trl_schema_with_ties_kept_trains(tmp_path):
+def test_trl_schema_trains(tmp_path):
     dataset = toy_preference_dataset(num_pairs=4, size=32, schema="trl")
     trainer = AdaptiveDiffusionDPOTrainer(
         tiny_sd_pipeline(), args=tiny_args(tmp_path, max_steps=1), train_dataset=dataset, peft_config=lora_config()
     )
     trainer.train()
     assert trainer.dataset_info["schema"] == "trl" and trainer.dataset_info["num_rows"] == 4
+
+
+def test_ties_kept_with_drop_ties_false_train(tmp_path):
+    from datasets import Dataset
+
+    rows = toy_preference_dataset(num_pairs=4, size=32).to_list()
+    for row in rows[:2]:
+        row["label_0"] = row["label_1"] = 0.5
+    trainer = AdaptiveDiffusionDPOTrainer(
+        tiny_sd_pipeline(), args=tiny_args(tmp_path, drop_ties=False), train_dataset=Dataset.from_list(rows),
+        peft_config=lora_config(),
+    )
+    assert trainer.dataset_info["num_ties"] == 2 and trainer.dataset_info["num_rows"] == 4
+    trainer.train()
+    assert trainer.state.global_step == 2
 
 
 def test_v_prediction_trains_on_velocity_target(toy_pairs, tmp_path):

@@ -107,7 +107,7 @@ class AdaptiveDPOConfig(TrainingArguments):
         default=True,
         metadata={
             "help": "Drop tied pairs (label 0.5). True as in the original Diffusion-DPO (about 12 percent of "
-            "Pick-a-Pic pairs are ties)."
+            "Pick-a-Pic pairs are ties). False keeps them with the first image as the winner (diffusers scripts)."
         },
     )
     empty_prompt_probability: float = field(

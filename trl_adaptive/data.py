@@ -259,8 +259,8 @@ class PreferenceCollator:
             rng = np.random.default_rng([self.seed, self.epoch, row if row is not None else position])
             first, second = self.schema.images(example)
             first_wins = self.schema.first_wins(example[self.schema.label_column], row) if self.schema.label_column else 1.0
-            if first_wins == 0.5:
-                raise ValueError(f"row {row}: tied pair reached the collator; prepare the dataset with drop_ties=True")
+            # A tie kept with drop_ties=False trains with the first image as the winner, as the diffusers scripts and
+            # the Adaptive-DPO authors' code do.
             columns = self.schema.image_columns * (2 // len(self.schema.image_columns))
             images = [decode_image(first, row, columns[0]), decode_image(second, row, columns[1])]
             if first_wins == 0.0:
