@@ -129,6 +129,18 @@ def test_training_moves_trainable_weights_only_and_logs_metrics(case, toy_pairs,
         assert trainer.annotators is None
 
 
+def test_metric_warmup_runs_plain_dpo_first(toy_pairs, tmp_path):
+    trainer = AdaptiveDiffusionDPOTrainer(
+        tiny_sd_pipeline(), args=tiny_args(tmp_path, metric_warmup_steps=1), train_dataset=toy_pairs,
+        peft_config=lora_config(),
+    )
+    trainer.train()
+    first, second = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert not any(name in first for name in MINORITY_METRICS)  # step 1: plain Diffusion-DPO
+    assert all(name in second for name in MINORITY_METRICS)  # step 2: the metric is on
+    assert trainer.annotators.num_updates == 2  # the annotators were updated during the warm-up too
+
+
 def test_trl_schema_trains(tmp_path):
     dataset = toy_preference_dataset(num_pairs=4, size=32, schema="trl")
     trainer = AdaptiveDiffusionDPOTrainer(
