@@ -355,6 +355,41 @@ def test_resume_matches_uninterrupted_run(lora, tmp_path):
     assert any(not torch.equal(interrupted.model.state_dict()[n], final_a[n]) for n in final_a)
 
 
+class PreferFirstEvaluation(TrainerCallback):
+    """Adds an eval metric that is best at step 1, so load_best_model_at_end must go back to checkpoint-1."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics["eval_first_is_best"] = 1.0 if state.global_step == 1 else 0.0
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_load_best_model_at_end_restores_the_best_checkpoint(lora, toy_pairs, tmp_path):
+    trainer = AdaptiveDiffusionDPOTrainer(
+        tiny_sd_pipeline(),
+        args=tiny_args(
+            tmp_path, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+            load_best_model_at_end=True, metric_for_best_model="first_is_best", greater_is_better=True,
+        ),
+        train_dataset=toy_pairs,
+        eval_dataset=toy_pairs.select(range(2)),
+        peft_config=lora_config() if lora else None,
+        callbacks=[PreferFirstEvaluation()],
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-1")
+    expected = tiny_sd_pipeline()
+    if lora:
+        expected.load_lora_weights(str(tmp_path / "checkpoint-1"))
+        expected_state = get_peft_model_state_dict(expected.unet, adapter_name=expected.unet.active_adapters()[0])
+        actual_state = get_peft_model_state_dict(trainer.model)
+    else:
+        expected_state = StableDiffusionPipeline.from_pretrained(str(tmp_path / "checkpoint-1")).unet.state_dict()
+        actual_state = trainer.model.state_dict()
+    assert (tmp_path / "checkpoint-2").is_dir()  # a later checkpoint exists, yet the model is checkpoint-1's
+    for name, tensor in expected_state.items():
+        torch.testing.assert_close(actual_state[name], tensor, rtol=0, atol=0)
+
+
 # ---- configuration and argument errors --------------------------------------------------------------------------
 
 

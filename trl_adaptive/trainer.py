@@ -352,6 +352,13 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         else:
             self.family.load_denoiser_into(denoiser, resume_from_checkpoint)
 
+    def _load_best_model(self) -> None:
+        # The Trainer looks for transformers/PEFT weight files and, finding none of ours (diffusers format), only logs
+        # a warning: load_best_model_at_end silently kept the last weights. Load the best checkpoint like a resume.
+        if self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
     # The annotators are training state like the optimizer's moments: saved and restored beside them.
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
