@@ -62,6 +62,7 @@ def main():
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         activation_checkpointing=on_gpu,
         dataloader_num_workers=4 if on_gpu else 0,
+        dataloader_pin_memory=on_gpu,
         # bookkeeping: checkpoints hold the optimizer, scheduler, RNG and EMA annotators, so runs resume exactly
         logging_steps=10,
         save_steps=500,
