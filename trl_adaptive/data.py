@@ -228,7 +228,8 @@ class PreferenceCollator:
 
     Random crops, flips and empty prompts are drawn from a generator seeded with ``(seed, epoch, row_index)``, not
     from torch's global RNG: the Trainer collates a batch *before* it restores the RNG state of a checkpoint, so
-    global-RNG draws would differ after a resume. The trainer calls `set_epoch` at each epoch start.
+    global-RNG draws would differ after a resume. The trainer calls `set_epoch` at each epoch start (workers kept
+    alive with `dataloader_persistent_workers` keep the epoch they started with, so their draws repeat each epoch).
     """
 
     def __init__(
