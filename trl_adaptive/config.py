@@ -114,7 +114,10 @@ class AdaptiveDPOConfig(TrainingArguments):
     random_flip: bool = field(default=False, metadata={"help": "Horizontally flip both images of a pair at random."})
     drop_ties: bool = field(
         default=True,
-        metadata={"help": "Drop tied pairs (label 0.5). True as in the original Diffusion-DPO (~12% of Pick-a-Pic)."},
+        metadata={
+            "help": "Drop tied pairs (label 0.5). True as in the original Diffusion-DPO (about 12 percent of "
+            "Pick-a-Pic pairs are ties). False keeps them with the first image as the winner (diffusers scripts)."
+        },
     )
     empty_prompt_probability: float = field(
         default=0.0,

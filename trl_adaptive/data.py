@@ -224,8 +224,12 @@ class PreferenceCollator:
 
     Output keys: ``pixel_values_chosen``, ``pixel_values_rejected`` (B, 3, R, R); ``prompts`` (list of str);
     ``row_index`` (B,); ``original_size_{chosen,rejected}`` and ``crop_top_left_{chosen,rejected}`` (B, 2); and
-    ``flipped`` (B,) when the dataset has that column. Random crops and flips use torch's global RNG, so they are
-    reproducible with the Trainer's seed and restored RNG state.
+    ``flipped`` (B,) when the dataset has that column.
+
+    Random crops, flips and empty prompts are drawn from a generator seeded with ``(seed, epoch, row_index)``, not
+    from torch's global RNG: the Trainer collates a batch *before* it restores the RNG state of a checkpoint, so
+    global-RNG draws would differ after a resume. The trainer calls `set_epoch` at each epoch start (workers kept
+    alive with `dataloader_persistent_workers` keep the epoch they started with, so their draws repeat each epoch).
     """
 
     def __init__(
@@ -235,28 +239,35 @@ class PreferenceCollator:
         random_crop: bool = False,
         random_flip: bool = False,
         empty_prompt_probability: float = 0.0,
+        seed: int = 0,
     ):
         self.schema = schema
         self.resolution = resolution
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.empty_prompt_probability = empty_prompt_probability
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         batch: dict[str, list] = {k: [] for k in ("chosen", "rejected", "size_c", "size_r", "crop_c", "crop_r")}
         prompts, row_index = [], []
-        for example in rows:
+        for position, example in enumerate(rows):
             row = example.get("row_index")
+            rng = np.random.default_rng([self.seed, self.epoch, row if row is not None else position])
             first, second = self.schema.images(example)
             first_wins = self.schema.first_wins(example[self.schema.label_column], row) if self.schema.label_column else 1.0
-            if first_wins == 0.5:
-                raise ValueError(f"row {row}: tied pair reached the collator; prepare the dataset with drop_ties=True")
+            # A tie kept with drop_ties=False trains with the first image as the winner, as the diffusers scripts and
+            # the Adaptive-DPO authors' code do.
             columns = self.schema.image_columns * (2 // len(self.schema.image_columns))
             images = [decode_image(first, row, columns[0]), decode_image(second, row, columns[1])]
             if first_wins == 0.0:
                 images.reverse()
-            crop = tuple(torch.rand(2).tolist()) if self.random_crop else (0.5, 0.5)
-            flip = bool(self.random_flip and torch.rand(()) < 0.5)
+            crop = tuple(rng.random(2).tolist()) if self.random_crop else (0.5, 0.5)
+            flip = bool(self.random_flip and rng.random() < 0.5)
             for image, key, size_key, crop_key in zip(images, ("chosen", "rejected"), ("size_c", "size_r"), ("crop_c", "crop_r")):
                 tensor, size, top_left = image_to_tensor(image, self.resolution, crop, flip)
                 batch[key].append(tensor)
@@ -265,7 +276,7 @@ class PreferenceCollator:
             prompt = example[self.schema.prompt_column]
             if not isinstance(prompt, str):
                 raise ValueError(f"row {row}, column {self.schema.prompt_column!r}: expected a string, got {prompt!r:.80}")
-            if self.empty_prompt_probability and float(torch.rand(())) < self.empty_prompt_probability:
+            if self.empty_prompt_probability and rng.random() < self.empty_prompt_probability:
                 prompt = ""
             prompts.append(prompt)
             row_index.append(row if row is not None else -1)
@@ -282,3 +293,35 @@ class PreferenceCollator:
         if rows and "flipped" in rows[0]:
             out["flipped"] = torch.tensor([bool(r["flipped"]) for r in rows])
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def load_preference_data(name_or_path: str, config: str | None = None, split: str = "train"):
+    """One split of a preference dataset from a Hub name, a folder written by `save_to_disk`, or a data file/folder.
+
+    Pick-a-Pic has moved between Hub repositories, so any name or local copy with the same columns works.
+    """
+    import datasets
+
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, marker)) for marker in ("dataset_dict.json", "dataset_info.json", "state.json")
+    ):
+        data = datasets.load_from_disk(path)
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ValueError(f"dataset_train_split/test_split {split!r} is not in {path}; it has {list(data)}")
+            data = data[split]
+        return data
+    if os.path.isfile(path):
+        extension = os.path.splitext(path)[1].lower()
+        if extension not in DATA_FILE_BUILDERS:
+            raise ValueError(f"dataset {path!r}: unsupported file type {extension!r}; use {sorted(DATA_FILE_BUILDERS)}")
+        return datasets.load_dataset(DATA_FILE_BUILDERS[extension], data_files={split: path}, split=split)
+    return datasets.load_dataset(name_or_path, config, split=split)

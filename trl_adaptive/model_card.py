@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 DIFFUSION_DPO_CITATION = """@inproceedings{wallace2024diffusion,
   title     = {Diffusion Model Alignment Using Direct Preference Optimization},
   author    = {Wallace, Bram and Dang, Meihua and Rafailov, Rafael and Zhou, Linqi and Lou, Aaron and
@@ -24,6 +26,20 @@ CARD_HYPERPARAMETERS = (
     "resolution", "drop_ties", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
     "max_steps", "num_train_epochs", "seed",
 )
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """`name` if it can be a Hub repository id, else None. The Hub rejects a push whose card metadata names a local
+    folder as `base_model`, so a model loaded from disk is named in the text only."""
+    if not name or os.path.exists(name):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def build_model_card(
@@ -51,7 +67,9 @@ def build_model_card(
             f" {'dropped' if dataset_info['ties_dropped'] else 'kept'})"
         )
     front_matter = "\n".join(
-        ["---", f"base_model: {base_model}" if base_model else "base_model: null", "library_name: diffusers", "tags:"]
+        ["---"]
+        + ([f"base_model: {hub_model_id(base_model)}"] if hub_model_id(base_model) else [])
+        + ["library_name: diffusers", "tags:"]
         + [f"- {t}" for t in ("text-to-image", "diffusers", "trl-adaptive", *tags)]
         + ["---"]
     )

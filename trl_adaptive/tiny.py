@@ -101,7 +101,7 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", resolution
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type=prediction_type,
+        prediction_type=prediction_type, clip_sample=False, steps_offset=1,  # what StableDiffusionPipeline enforces
     )
     return StableDiffusionPipeline(
         unet=unet,

@@ -9,6 +9,7 @@ differs between model families is asked of `self.family` (see `trl_adaptive.fami
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections import defaultdict
 from contextlib import contextmanager
@@ -52,6 +53,19 @@ class AnnotatorUpdateCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.annotators is not None:
             self.trainer.annotators.update(self.trainer.unwrapped(self.trainer.model))
+
+
+class CollatorEpochCallback(TrainerCallback):
+    """Tells the collator the epoch, so its random augmentations are a function of (seed, epoch, row) and a resumed
+    run draws the same ones as an uninterrupted run."""
+
+    def __init__(self, trainer: "AdaptiveDiffusionDPOTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.trainer.data_collator, "set_epoch"):
+            # state.epoch is fractional when resuming mid-epoch; the floor is the epoch being (re)started.
+            self.trainer.data_collator.set_epoch(math.floor(state.epoch or 0))
 
 
 def _pair_repeat(conditioning):
@@ -124,6 +138,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 random_crop=args.random_crop,
                 random_flip=args.random_flip,
                 empty_prompt_probability=args.empty_prompt_probability,
+                seed=args.seed,
             )
 
         use_annotators = args.adaptive and len(args.annotator_decays) > 0
@@ -139,7 +154,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             data_collator=data_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            callbacks=[AnnotatorUpdateCallback(self), *(callbacks or [])],
+            callbacks=[AnnotatorUpdateCallback(self), CollatorEpochCallback(self), *(callbacks or [])],
             optimizers=optimizers,
         )
         device = self.accelerator.device
@@ -353,12 +368,18 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
 
     # ---- evaluation ------------------------------------------------------------------------------------
     def evaluate(self, *args, **kwargs):
-        # The same noise and timesteps at every evaluation, so eval metrics are comparable across steps.
-        self._eval_generator = torch.Generator(device=self.args.device).manual_seed(self.args.seed)
-        try:
-            return super().evaluate(*args, **kwargs)
-        finally:
-            self._eval_generator = None
+        # The same noise, timesteps and VAE latent samples at every evaluation, so eval metrics are comparable across
+        # steps. The VAE samples from the global RNG, so that is seeded too, inside a fork: evaluating mid-training
+        # must not shift the training run's random stream.
+        device = self.args.device
+        forked = [] if device.type == "cpu" else [device]
+        with torch.random.fork_rng(devices=forked, device_type=device.type if forked else None):
+            torch.manual_seed(self.args.seed)
+            self._eval_generator = torch.Generator(device=device).manual_seed(self.args.seed)
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self._eval_generator = None
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -388,6 +409,13 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             self.family.load_lora_into(denoiser, resume_from_checkpoint)
         else:
             self.family.load_denoiser_into(denoiser, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        # The Trainer looks for transformers/PEFT weight files and, finding none of ours (diffusers format), only logs
+        # a warning: load_best_model_at_end silently kept the last weights. Load the best checkpoint like a resume.
+        if self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     # The annotators are training state like the optimizer's moments: saved and restored beside them.
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

@@ -1,0 +1,169 @@
+"""The `trl-adaptive` command line.
+
+    trl-adaptive train --config run.yaml [--any_field value ...]   train on preference pairs
+    trl-adaptive example [--output_dir DIR]                        the built-in offline example
+    trl-adaptive demo                                              the README's first command
+
+`train` takes every `AdaptiveDPOConfig` (and so `transformers.TrainingArguments`) field plus the model and dataset
+arguments below. Values come from the YAML file given with `--config` and are overridden by flags, through TRL's
+`TrlParser`, so a config written for a TRL script reads the same way (an `env:` mapping in the YAML sets
+environment variables). Booleans take `true`/`false` as values (`--adaptive false`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "Pipeline to train: a local folder or a Hub id loaded with DiffusionPipeline.from_pretrained."}
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model."})
+    model_variant: str | None = field(default=None, metadata={"help": "Weight variant to load, e.g. `fp16`."})
+    lora_rank: int | None = field(
+        default=None, metadata={"help": "Train LoRA adapters of this rank on the UNet. Unset: full UNet fine-tuning."}
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (scale alpha / rank). Default: the rank."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "UNet modules that get adapters. Default: the attention projections to_q to_k to_v to_out.0."},
+    )
+
+
+@dataclass
+class DatasetArguments:
+    dataset_name: str = field(
+        metadata={
+            "help": "Preference data: a Hub dataset name, a folder written by Dataset(Dict).save_to_disk, or a "
+            "json/jsonl/csv/parquet file. Pick-a-Pic, TRL (prompt/chosen/rejected) and HPDv2 columns are recognised."
+        }
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "Split to evaluate on (with --eval_strategy steps/epoch). Unset: no evaluation."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N rows only."})
+    flip_rate: float = field(
+        default=0.0,
+        metadata={"help": "Flip this share of the training labels (synthetic minority, as in the Adaptive-DPO paper)."},
+    )
+    flip_seed: int | None = field(default=None, metadata={"help": "Seed of the label flips. Default: --seed."})
+
+
+def make_train_parser():
+    from trl import TrlParser
+
+    from .config import AdaptiveDPOConfig
+
+    return TrlParser((ModelArguments, DatasetArguments, AdaptiveDPOConfig), prog="trl-adaptive train")
+
+
+def parse_train_args(argv: list[str]):
+    """(model_args, dataset_args, AdaptiveDPOConfig) from `--config FILE` and flags (flags win)."""
+    return make_train_parser().parse_args_and_config(argv)
+
+
+def train(argv: list[str]):
+    """Run `trl-adaptive train` with the given arguments; returns the trainer."""
+    from .data import flip_labels, load_preference_data
+    from .families import family_for, load_pipeline
+    from .trainer import AdaptiveDiffusionDPOTrainer
+
+    model_args, data_args, config = parse_train_args(argv)
+
+    train_dataset = load_preference_data(data_args.dataset_name, data_args.dataset_config, data_args.dataset_train_split)
+    if data_args.max_train_samples is not None:
+        train_dataset = train_dataset.select(range(min(data_args.max_train_samples, len(train_dataset))))
+    if data_args.flip_rate > 0:
+        seed = data_args.flip_seed if data_args.flip_seed is not None else config.seed
+        train_dataset = flip_labels(train_dataset, data_args.flip_rate, seed)
+    eval_dataset = None
+    if data_args.dataset_test_split:
+        eval_dataset = load_preference_data(data_args.dataset_name, data_args.dataset_config, data_args.dataset_test_split)
+
+    load_kwargs = {k: v for k, v in (("revision", model_args.model_revision), ("variant", model_args.model_variant)) if v}
+    pipeline = load_pipeline(model_args.model_name_or_path, **load_kwargs)
+    peft_config = None
+    if model_args.lora_rank:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=model_args.lora_rank,
+            lora_alpha=model_args.lora_alpha if model_args.lora_alpha is not None else model_args.lora_rank,
+            lora_dropout=model_args.lora_dropout,
+            init_lora_weights="gaussian",
+            target_modules=model_args.lora_target_modules or list(family_for(pipeline).default_lora_target_modules),
+        )
+
+    trainer = AdaptiveDiffusionDPOTrainer(
+        model=pipeline, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config
+    )
+    trainer.base_model_name = model_args.model_name_or_path
+    trainer.dataset_name = data_args.dataset_name
+    resume = config.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
+        resume = True  # the newest checkpoint-* folder in output_dir
+    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model()
+    if config.push_to_hub:
+        trainer.push_to_hub(dataset_name=data_args.dataset_name)
+    if trainer.is_world_process_zero():
+        kind = "LoRA weights" if peft_config is not None else "pipeline"
+        print(f"Saved the trained {kind} to {config.output_dir}")
+    return trainer
+
+
+def example(argv: list[str]) -> str:
+    parser = argparse.ArgumentParser(
+        prog="trl-adaptive example",
+        description="Built-in offline example: LoRA Adaptive-DPO on a tiny random pipeline and toy preference pairs.",
+    )
+    parser.add_argument("--output_dir", "--output-dir", default="trl-adaptive-example", help="Where to write the results.")
+    parser.add_argument("--max_steps", "--max-steps", type=int, default=40, help="Optimizer steps.")
+    parser.add_argument("--seed", type=int, default=0)
+    options = parser.parse_args(argv)
+    from .examples_builtin import run_tiny_example
+
+    return run_tiny_example(options.output_dir, max_steps=options.max_steps, seed=options.seed)
+
+
+def demo(argv: list[str]):
+    """The README's first command. Until the digits reproduction lands, it runs the built-in example."""
+    return example(argv)
+
+
+COMMANDS = {
+    "train": (train, "train a pipeline on preference pairs: trl-adaptive train --config run.yaml [--field value ...]"),
+    "example": (example, "built-in offline example: a few LoRA steps on a tiny pipeline, prints where it saved"),
+    "demo": (demo, "the README's first command (currently the built-in example)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: trl-adaptive <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`trl-adaptive <command> --help` lists a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"trl-adaptive: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    COMMANDS[command][0](rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
