@@ -273,6 +273,8 @@ def run_reference_loop(case: Case, template, batches, opts, device, weight_dtype
     else:
         unet.requires_grad_(True).to(device)
         reference = copy.deepcopy(unet).requires_grad_(False).to(weight_dtype)
+    if opts.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
     # The same optimizer class and settings as the Trainer's default, so only the per-step work differs.
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(make_args(opts, "unused", Case("a", "")))
@@ -391,6 +393,7 @@ def make_args(opts, output_dir: str, case: Case) -> AdaptiveDPOConfig:
         logging_steps=10**9,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        activation_checkpointing=opts.gradient_checkpointing,
     )
 
 
@@ -542,6 +545,7 @@ def print_report(results: dict[str, dict], opts, device) -> None:
     line("(c/seq)/(c+cache), sequential / batched annotators", "c/seq", "c+cache")
     line("(d)/(b) amortised / plain (means)", "d", "b", target=1.05)
     line("(d+cache)/(b+cache) (means)", "d+cache", "b+cache", target=1.05)
+    line("(d/seq)/(d+cache), sequential / batched annotators (means)", "d/seq", "d+cache")
     if "a" in results:
         for name in ("b", "b+cache", "c+cache", "d+cache"):
             if name in results:
@@ -581,6 +585,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="training dtype (default bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--resolution", type=int, help="image size (default: tiny 64, else the model's native size)")
     parser.add_argument("--beta", type=float, default=2500.0)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (all cases)")
     parser.add_argument("--cases", default="a,b,b+cache,c,c+cache,c/seq,d,d+cache", help="comma-separated subset")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--rounds", type=int, help="run every case this many times, alternating the order (default: 3 on CPU, 1 on GPU)")
@@ -614,13 +619,14 @@ def build_cases(opts) -> list[Case]:
         "c/seq": Case("c/seq", "c+cache, sequential annotators", adaptive=True, cached=True, batched=False),
         "d": Case("d", f"ours, amortised (interval {n})", adaptive=True, interval=n),
         "d+cache": Case("d+cache", f"ours, amortised (interval {n}), cached", adaptive=True, interval=n, cached=True),
+        "d/seq": Case("d/seq", "d+cache, sequential annotators", adaptive=True, interval=n, cached=True, batched=False),
     }
     names = [c.strip() for c in opts.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in catalogue]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {list(catalogue)}")
     if not opts.lora:
-        names = [c for c in names if c != "c/seq"]  # batching applies to LoRA annotators only
+        names = [c for c in names if not c.endswith("/seq")]  # batching applies to LoRA annotators only
     return [catalogue[c] for c in names]
 
 
