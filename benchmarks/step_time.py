@@ -43,6 +43,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -210,12 +211,41 @@ def read_peak(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+class Baton:
+    """Runs the cases of a round in threads, one at a time, switching after every timed step: the cases interleave
+    step by step and share the machine's load equally. A thread works (set-up, steps, FLOP counting) only while it
+    holds the baton, so nothing of one case runs during another's timed step."""
+
+    def __init__(self, names: list[str]):
+        self.order, self.turn, self.cond = list(names), 0, threading.Condition()
+
+    def wait_turn(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.order[self.turn] == name)
+
+    def pass_on(self, name: str) -> None:
+        with self.cond:
+            self.turn = (self.order.index(name) + 1) % len(self.order)
+            self.cond.notify_all()
+
+    def next_step(self, name: str) -> None:
+        self.pass_on(name)
+        self.wait_turn(name)
+
+    def finish(self, name: str) -> None:
+        with self.cond:
+            index = self.order.index(name)
+            self.order.pop(index)
+            self.turn = index % len(self.order) if self.order else 0
+            self.cond.notify_all()
+
+
 class StepTimer(TrainerCallback):
     """Seconds from each optimizer step's `on_step_begin` to its `on_step_end`; registered last, so the EMA annotator
     update (an earlier `on_step_end` callback) is inside the interval."""
 
-    def __init__(self, case: Case, device: torch.device):
-        self.case, self.device, self.start = case, device, None
+    def __init__(self, case: Case, device: torch.device, baton: Baton | None = None):
+        self.case, self.device, self.start, self.baton = case, device, None, baton
 
     def on_train_begin(self, args, state, control, **kwargs):
         reset_peak(self.device)
@@ -228,6 +258,8 @@ class StepTimer(TrainerCallback):
         sync(self.device)
         self.case.step_times.append(time.perf_counter() - self.start[0])
         self.case.step_cpu_times.append(time.process_time() - self.start[1])
+        if self.baton is not None:
+            self.baton.next_step(self.case.name)
 
     def on_train_end(self, args, state, control, **kwargs):
         peak = read_peak(self.device)
@@ -247,14 +279,15 @@ def count_flops(fn) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_reference_loop(case: Case, template, batches, opts, device, weight_dtype, count: bool = True) -> None:
+def reference_loop_phases(case: Case, template, batches, opts, device, weight_dtype, count: bool = True, baton=None):
     """Per-step work of diffusers' train_diffusion_dpo.py, written minimally: nothing cached, VAE and text encoder at
-    every step, the policy forward before the reference forward, as the script does."""
+    every step, the policy forward before the reference forward, as the script does.
+
+    A generator of three phases (set-up, timed steps, FLOP counting and clean-up), so that `--interleave` can set up
+    every case before any trains."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
     from torch.nn import functional as F
-    from transformers import Trainer
-
     started = time.perf_counter()
     pipe = copy.deepcopy(template)
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
@@ -277,7 +310,7 @@ def run_reference_loop(case: Case, template, batches, opts, device, weight_dtype
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
     # The same optimizer class and settings as the Trainer's default, so only the per-step work differs.
-    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(make_args(opts, "unused", Case("a", "")))
+    optimizer_cls, optimizer_kwargs = opts.optimizer_spec
     optimizer = optimizer_cls(params, **optimizer_kwargs)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
@@ -332,6 +365,7 @@ def run_reference_loop(case: Case, template, batches, opts, device, weight_dtype
 
     if count:
         case.setup_s = time.perf_counter() - started
+    yield
     reset_peak(device)
     for i in range(opts.warmup + opts.steps):
         batch = batches[i % len(batches)]
@@ -341,8 +375,11 @@ def run_reference_loop(case: Case, template, batches, opts, device, weight_dtype
         sync(device)
         case.step_times.append(time.perf_counter() - start[0])
         case.step_cpu_times.append(time.process_time() - start[1])
+        if baton is not None:
+            baton.next_step(case.name)
     peak = read_peak(device)
     case.peak_bytes = None if peak is None else max(peak, case.peak_bytes or 0)
+    yield
     if not count:
         del pipe, unet, vae, text_encoder, reference, optimizer
         free(device)
@@ -397,14 +434,15 @@ def make_args(opts, output_dir: str, case: Case) -> AdaptiveDPOConfig:
     )
 
 
-def run_ours(case: Case, template, dataset, opts, device, count: bool = True) -> None:
+def ours_phases(case: Case, template, dataset, opts, device, count: bool = True, baton=None):
+    """Our trainer on one case, as a generator of three phases like `reference_loop_phases`."""
     started = time.perf_counter()
     pipe = copy.deepcopy(template)
     output_dir = tempfile.mkdtemp(prefix="step-time-")
     peft_config = lora_config(opts.rank, family_for(pipe)) if opts.lora else None
     trainer = AdaptiveDiffusionDPOTrainer(
         pipe, args=make_args(opts, output_dir, case), train_dataset=dataset, peft_config=peft_config,
-        callbacks=[StepTimer(case, device)],
+        callbacks=[StepTimer(case, device, baton)],
     )
     if count:
         case.setup_s = time.perf_counter() - started  # includes building the latent cache, the first time
@@ -412,7 +450,9 @@ def run_ours(case: Case, template, dataset, opts, device, count: bool = True) ->
         state = sum(t.numel() * t.element_size() for shadow in trainer.annotators.shadows for t in shadow.values())
         trainable = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
         case.extra.update(annotator_state_bytes=state, trainable_param_bytes=trainable)
+    yield
     trainer.train()
+    yield
     if not count:
         del trainer, pipe
         shutil.rmtree(output_dir, ignore_errors=True)
@@ -588,6 +628,11 @@ def parse_args(argv=None):
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (all cases)")
     parser.add_argument("--cases", default="a,b,b+cache,c,c+cache,c/seq,d,d+cache", help="comma-separated subset")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--interleave", action=argparse.BooleanOptionalAction, default=None,
+        help="run the cases of a round side by side, one step of each in turn (default: on CPU; off on GPU, where all "
+        "models of a round would have to fit in memory together)",
+    )
     parser.add_argument("--rounds", type=int, help="run every case this many times, alternating the order (default: 3 on CPU, 1 on GPU)")
     parser.add_argument(
         "--clock", choices=["wall", "cpu"],
@@ -644,6 +689,7 @@ def main(argv=None) -> dict[str, dict]:
         torch.set_flush_denormal(True)  # denormals make CPU steps erratically slow at high beta
     opts.device = device
     opts.rounds = opts.rounds or (1 if device.type == "cuda" else 3)
+    opts.interleave = device.type == "cpu" if opts.interleave is None else opts.interleave
     opts.clock = opts.clock or ("wall" if device.type == "cuda" else "cpu")
     opts.load_before = f"{os.getloadavg()[0]:.2f}"
     opts.dtype_name = opts.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -663,10 +709,14 @@ def main(argv=None) -> dict[str, dict]:
         f"step_time: arch={arch} mode={'LoRA r=' + str(opts.rank) if opts.lora else 'full'} batch={opts.batch} pairs "
         f"dtype={opts.dtype_name} device={torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'} "
         f"threads={torch.get_num_threads()} steps={opts.steps} warmup={opts.warmup} interval={opts.interval} "
-        f"rounds={opts.rounds} clock={opts.clock} "
+        f"rounds={opts.rounds} interleave={opts.interleave} clock={opts.clock} "
         f"torch={torch.__version__}"
     )
     cases = build_cases(opts)
+    # Made once, here: creating TrainingArguments resets accelerate's global state, which must not happen mid-round.
+    from transformers import Trainer
+
+    opts.optimizer_spec = Trainer.get_optimizer_cls_and_kwargs(make_args(opts, tempfile.gettempdir(), Case("a", "")))
     batches = None
     if any(c.reference_loop for c in cases):
         collator = PreferenceCollator(detect_schema(dataset.column_names), opts.resolution)
@@ -680,14 +730,44 @@ def main(argv=None) -> dict[str, dict]:
             ).input_ids
             batches.append(batch)
 
+    def phases(case, round_index, baton=None):
+        if case.reference_loop:
+            return reference_loop_phases(case, template, batches, opts, device, weight_dtype, round_index == 0, baton)
+        return ours_phases(case, template, dataset, opts, device, round_index == 0, baton)
+
     for round_index in range(opts.rounds):
         order = cases if round_index % 2 == 0 else cases[::-1]  # alternate, so slow drifts of load cancel
-        for case in order:
-            print(f"  round {round_index + 1}/{opts.rounds}: {case.name} ({case.description})", flush=True)
-            if case.reference_loop:
-                run_reference_loop(case, template, batches, opts, device, weight_dtype, count=round_index == 0)
-            else:
-                run_ours(case, template, dataset, opts, device, count=round_index == 0)
+        print(f"  round {round_index + 1}/{opts.rounds}: {', '.join(c.name for c in order)}", flush=True)
+        if not opts.interleave:
+            for case in order:
+                for _ in phases(case, round_index):
+                    pass
+            continue
+        # Set up every case first (a Trainer's construction resets accelerate's global state, which must not happen
+        # under a training one), then train them side by side, one step each in turn, then count and clean up.
+        baton, errors = Baton([c.name for c in order]), []
+        runners = [phases(case, round_index, baton) for case in order]
+        for runner in runners:
+            next(runner)
+
+        def train(case, runner, baton=baton):
+            try:
+                baton.wait_turn(case.name)
+                next(runner)
+            except BaseException as error:  # re-raised below, after the other threads finish
+                errors.append(error)
+            finally:
+                baton.finish(case.name)
+
+        threads = [threading.Thread(target=train, args=(case, runner)) for case, runner in zip(order, runners)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        for runner in runners:
+            next(runner, None)
     results = {case.name: summarise(case, opts) for case in cases}
     shutil.rmtree(opts.cache_dir, ignore_errors=True)
     print_report(results, opts, device)
