@@ -149,7 +149,8 @@ class DiffusionFamily(ABC):
             for name in os.listdir(folder):
                 if name.startswith("diffusion_pytorch_model"):
                     os.remove(os.path.join(folder, name))
-            tensors = {k: v.detach().cpu().contiguous() for k, v in denoiser_state_dict.items()}
+            # Own storage per tensor: DeepSpeed gathers into views of one flat buffer, which safetensors refuses.
+            tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in denoiser_state_dict.items()}
             save_torch_state_dict(tensors, folder, filename_pattern=DENOISER_WEIGHTS_PATTERN, max_shard_size="10GB")
 
     def load_denoiser_into(self, denoiser: torch.nn.Module, folder: str) -> None:
