@@ -34,7 +34,11 @@ def replace_vae(pipeline, vae_name_or_path: str) -> None:
     if getattr(pipeline, "vae", None) is None:
         raise ValueError(f"vae_name_or_path={vae_name_or_path!r} given, but {type(pipeline).__name__} has no VAE")
     subfolder = "vae" if os.path.isdir(os.path.join(vae_name_or_path, "vae")) else None
-    pipeline.register_modules(vae=AutoencoderKL.from_pretrained(vae_name_or_path, subfolder=subfolder))
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_name_or_path, subfolder=subfolder)
+    except Exception as err:  # missing folder, bad Hub id, wrong model class: name the option
+        raise ValueError(f"vae_name_or_path={vae_name_or_path!r}: cannot load an AutoencoderKL from it ({err})") from err
+    pipeline.register_modules(vae=vae)
 
 
 def load_pipeline(model_name_or_path: str, **kwargs):
