@@ -66,6 +66,12 @@ def build_trainer(output_dir: str, batch: int, lora: bool = False, sdxl: bool = 
     )
 
 
+def build_eval_set():
+    from trl_adaptive.tiny import toy_preference_dataset
+
+    return toy_preference_dataset(num_pairs=4, size=40, seed=1)
+
+
 def logged_metrics(trainer) -> list[dict[str, float]]:
     """The per-step training logs, restricted to the compared metrics."""
     return [
@@ -156,18 +162,10 @@ def check_sharded_annotator_forward(trainer) -> dict[str, float]:
 # ---- single-process DeepSpeed checks -------------------------------------------------------------------------
 
 
-def _deepspeed_config(stage: int) -> dict:
-    """What the example accelerate configs give DeepSpeed, in fp32 for CPU (no optimizer block: no fused Adam)."""
-    zero = {"stage": stage}
-    if stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "zero_optimization": zero,
-    }
+def _deepspeed_config(stage: int) -> str:
+    """The shipped DeepSpeed JSON of that stage (the `deepspeed` launcher's route; the accelerate YAMLs are tested by
+    the two-process launches). No optimizer block: no fused-Adam build on CPU."""
+    return str(Path(__file__).resolve().parents[1] / "examples" / "accelerate_configs" / f"ds_zero{stage}.json")
 
 
 @torch.no_grad()
@@ -214,6 +212,7 @@ def command_deepspeed(out: str) -> None:
             trainer = build_trainer(folder, 2, lora=lora, max_steps=2, deepspeed=_deepspeed_config(stage))
             trainer.train()
             trainer.save_model()
+            evaluation = trainer.evaluate(build_eval_set())
             optimized = optimizer_parameters(trainer.model_wrapped)
             frozen = [p for m in trainer.family.frozen_modules().values() for p in m.parameters()]
             denoiser = trainer.accelerator.unwrap_model(trainer.model)
@@ -226,6 +225,8 @@ def command_deepspeed(out: str) -> None:
                 "optimized_numel": sum(getattr(p, "ds_numel", p.numel()) for p in optimized),
                 "trainable_numel": sum(getattr(p, "ds_numel", p.numel()) for p in denoiser.parameters() if p.requires_grad),
                 "metrics": logged_metrics(trainer),
+                "eval_loss": evaluation["eval_loss"],
+                "eval_minority_score": evaluation.get("eval_minority/score_mean"),
                 "saved_files": sorted(os.listdir(folder)),
             }
             # What save_model wrote, loaded the way users load it, must compute what the trained model computes.

@@ -76,6 +76,16 @@ def test_example_configs_are_valid_accelerate_configs():
     assert ddp.distributed_type == "MULTI_GPU"
     for config in (zero2, zero3):  # no DeepSpeed optimizer: the Trainer builds AdamW (no fused-Adam build)
         assert "deepspeed_config_file" not in config.deepspeed_config
+    # The JSONs for the `deepspeed` launcher / `--deepspeed` (used by the one-process tests below).
+    for stage in (2, 3):
+        ds = json.loads((CONFIGS / f"ds_zero{stage}.json").read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+        assert "optimizer" not in ds and "scheduler" not in ds
+        # "auto" bucket sizes would need model.config.hidden_size, which a UNet does not have.
+        assert not any(v == "auto" for v in ds["zero_optimization"].values())
+    assert json.loads((CONFIGS / "ds_zero3.json").read_text())["zero_optimization"][
+        "stage3_gather_16bit_weights_on_model_save"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +113,7 @@ def test_deepspeed_trains_and_saves(deepspeed_report, stage, kind):
     assert entry["frozen_in_optimizer"] == 0 and entry["frozen_partitioned"] == 0
     assert entry["optimized_numel"] == entry["trainable_numel"] > 0
     assert all(m["loss"] == m["loss"] for m in entry["metrics"]) and len(entry["metrics"]) == 2
+    assert entry["eval_loss"] == entry["eval_loss"] and entry["eval_minority_score"] is not None  # evaluate() works
     # save_model() wrote diffusers-format weights that compute what the trained model computes.
     assert entry["saved_vs_trained_output_diff"] < 1e-5
     assert entry["trained_vs_initial_output_diff"] > 1e-4  # ... and training changed the model
