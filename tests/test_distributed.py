@@ -7,6 +7,7 @@ the one-process DeepSpeed test runs first so that the two-process launches reuse
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -113,6 +114,8 @@ def test_deepspeed_trains_and_saves(deepspeed_report, stage, kind):
     assert entry["frozen_in_optimizer"] == 0 and entry["frozen_partitioned"] == 0
     assert entry["optimized_numel"] == entry["trainable_numel"] > 0
     assert all(m["loss"] == m["loss"] for m in entry["metrics"]) and len(entry["metrics"]) == 2
+    # Step 0: policy == reference, so the reference (a ZeRO-3 engine, or the adapters-off UNet) reproduces it exactly.
+    assert entry["metrics"][0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert entry["eval_loss"] == entry["eval_loss"] and entry["eval_minority_score"] is not None  # evaluate() works
     # save_model() wrote diffusers-format weights that compute what the trained model computes.
     assert entry["saved_vs_trained_output_diff"] < 1e-5

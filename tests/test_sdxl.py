@@ -83,6 +83,21 @@ def test_sdxl_vae_stays_float32_and_encoders_take_the_training_dtype(pairs, tmp_
     assert not any(p.requires_grad for m in trainer.family.frozen_modules().values() for p in m.parameters())
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_reference_computes_like_the_untrained_policy_in_bf16(pairs, tmp_path, lora):
+    """At step 0 the policy is the reference, so every logit must be exactly 0 (loss log 2) under bf16 mixed
+    precision too: the reference runs under the policy's autocast, in its weights' dtype and in its module mode."""
+    import math
+
+    args = _args(tmp_path, bf16=True, max_steps=1, adaptive=False)
+    peft_config = LoraConfig(**LORA) if lora else None
+    trainer = AdaptiveDiffusionDPOTrainer(tiny_sdxl_pipeline(seed=0), args=args, train_dataset=pairs, peft_config=peft_config)
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert first["rewards/margins"] == 0.0 and first["denoising_loss/policy_chosen"] == first["denoising_loss/reference_chosen"]
+
+
 def test_vae_name_or_path_replaces_the_vae(pairs, tmp_path):
     torch.manual_seed(123)
     fixed = tiny_vae(32, scaling_factor=0.13025, force_upcast=False)  # an "fp16-fix"-style VAE: no upcast needed

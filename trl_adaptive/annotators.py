@@ -60,13 +60,13 @@ class EMAAnnotators:
     @torch.no_grad()
     def __call__(self, index: int, model: torch.nn.Module, *args, **kwargs):
         """Run `model(*args, **kwargs)` as annotator `index` (its EMA parameters, everything else shared)."""
-        weight = model.get_parameter(self.names[0])
-        if weight.dtype != torch.float32 and not torch.is_autocast_enabled(weight.device.type):
-            # The model's own weights are bf16/fp16 without autocast (DeepSpeed): autocast lets the fp32 shadows
-            # mix with them per operation instead of materialising a low-precision copy of every shadow.
-            with torch.autocast(weight.device.type, dtype=weight.dtype):
-                return functional_call(model, self.shadows[index], args, kwargs, strict=False)
-        return functional_call(model, self.shadows[index], args, kwargs, strict=False)
+        shadows = self.shadows[index]
+        dtypes = {name: model.get_parameter(name).dtype for name in self.names}
+        if any(dtypes[name] != shadow.dtype for name, shadow in shadows.items()):
+            # The model's weights are bf16/fp16 (DeepSpeed runs them without autocast): the annotator runs with its
+            # weights rounded to that dtype, so it computes exactly as the model would with those weights.
+            shadows = {name: shadow.to(dtypes[name]) for name, shadow in shadows.items()}
+        return functional_call(model, shadows, args, kwargs, strict=False)
 
     def to(self, device: torch.device) -> "EMAAnnotators":
         self.shadows = [{n: t.to(device) for n, t in shadow.items()} for shadow in self.shadows]

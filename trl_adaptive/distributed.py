@@ -6,7 +6,8 @@ also run models the engine does not know about; this module makes them ZeRO-awar
 * `prepare_reference_model`: the frozen reference denoiser of a full fine-tune. Under ZeRO-3 it becomes a DeepSpeed
   inference engine with its parameters sharded across processes and gathered layer by layer for each forward (how
   TRL prepares its reference models, `trl.models.utils.prepare_deepspeed`); otherwise it stays a plain module,
-  replicated in the training dtype (ZeRO-1/2 shard only optimizer states and gradients, not frozen weights).
+  replicated in the dtype of the policy's weights (ZeRO-1/2 shard only optimizer states and gradients, not frozen
+  weights), so that the two compute alike.
 * `ShardedEMAAnnotators`: the EMA annotators under ZeRO-3, partitioned like the model (see its docstring).
 
 Frozen text encoders and the VAE are never given to DeepSpeed: they are not part of the trained module, so they
@@ -32,7 +33,8 @@ def zero_stage(accelerator) -> int | None:
 
 
 def prepare_reference_model(module: torch.nn.Module, accelerator, dtype: torch.dtype):
-    """The frozen reference denoiser, placed for inference: a sharded DeepSpeed engine under ZeRO-3, else on device."""
+    """The frozen reference denoiser, placed for inference: a sharded DeepSpeed engine under ZeRO-3 (in the engine's
+    dtype), else on the device in `dtype`, the dtype of the policy's weights."""
     if zero_stage(accelerator) != 3:
         return module.to(device=accelerator.device, dtype=dtype)
     import deepspeed

@@ -137,7 +137,10 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         device = self.accelerator.device
         self.family.place_frozen_modules(device, self.weight_dtype)
         if self.ref_model is not None:
-            self.ref_model = prepare_reference_model(self.ref_model, self.accelerator, self.weight_dtype)
+            # The reference must compute exactly as the policy does (identical weights give a logit of exactly 0):
+            # DeepSpeed runs the policy in the training dtype, autocast mixed precision keeps its weights in fp32.
+            policy_dtype = self.weight_dtype if self.is_deepspeed_enabled else next(denoiser.parameters()).dtype
+            self.ref_model = prepare_reference_model(self.ref_model, self.accelerator, policy_dtype)
         if args.adaptive and len(args.annotator_decays) > 0:
             self.annotators = make_annotators(denoiser, args.annotator_decays, self.accelerator).to(device)
 
@@ -179,7 +182,13 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
     @torch.no_grad()
     def _reference_prediction(self, denoiser, noisy, timesteps, conditioning):
         if self.ref_model is not None:
-            return self.family.predict(self.ref_model, noisy, timesteps, conditioning)
+            # The reference must compute exactly as the policy would with the same weights: under the same autocast
+            # (accelerate wraps only the prepared policy's forward) and in the same module mode (diffusers' ResNet
+            # blocks take a different, differently rounded path in train mode). Like the LoRA reference (the policy
+            # with adapters off), it therefore also shares the policy's dropout, which diffusers' UNets default to 0.
+            self.ref_model.train(denoiser.training)
+            with self.accelerator.autocast():
+                return self.family.predict(self.ref_model, noisy, timesteps, conditioning)
         with self._adapters_disabled(denoiser):
             return self.family.predict(denoiser, noisy, timesteps, conditioning)
 
