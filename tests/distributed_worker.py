@@ -209,7 +209,12 @@ def command_deepspeed(out: str) -> None:
         for lora in (False, True):
             name = f"zero{stage}_{'lora' if lora else 'full'}"
             folder = os.path.join(out, name)
-            trainer = build_trainer(folder, 2, lora=lora, max_steps=2, deepspeed=_deepspeed_config(stage))
+            # ZeRO-3 full fine-tune with activation checkpointing: the policy's backward recomputes layers after
+            # the annotators swapped their shards in and out.
+            checkpointing = stage == 3 and not lora
+            trainer = build_trainer(
+                folder, 2, lora=lora, max_steps=2, deepspeed=_deepspeed_config(stage), activation_checkpointing=checkpointing
+            )
             trainer.train()
             trainer.save_model()
             evaluation = trainer.evaluate(build_eval_set())
