@@ -37,9 +37,9 @@ class StableDiffusionFamily(DiffusionFamily):
         return {"encoder_hidden_states": encoder(ids)[0]}
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, generator=None) -> torch.Tensor:
         vae = self.pipeline.vae
         if vae is None:
             return pixel_values
-        latents = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
+        latents = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
         return latents * vae.config.scaling_factor
