@@ -355,7 +355,15 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- evaluation ------------------------------------------------------------------------------------
-    # Evaluation noise is keyed by (seed, row_index) only (`trl_adaptive.noise`): the same at every evaluation.
+    def evaluate(self, *args, **kwargs):
+        # Evaluation noise is keyed by (seed, row_index) only (`trl_adaptive.noise`): the same at every evaluation.
+        # Building the eval dataloader still draws from the global RNG, so evaluate inside a fork: evaluating
+        # mid-training must not shift the training run's random stream.
+        device = self.args.device
+        forked = [] if device.type == "cpu" else [device]
+        with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
+            return super().evaluate(*args, **kwargs)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
