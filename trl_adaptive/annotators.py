@@ -49,19 +49,33 @@ class EMAAnnotators:
             cached = self._parameters_of = (model, {n: p for n, p in model.named_parameters() if n in wanted})
         return cached[1]
 
+    def bind(self, model_wrapped) -> None:
+        """Called once the trainer's model is prepared (DDP, DeepSpeed); replicated annotators need nothing."""
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         """One EMA step towards the model's current trainable parameters (call after each optimizer step)."""
         params = self._trainable_parameters(model)
-        current = [params[n].detach().float() for n in self.names]
+        current = [params[n].detach() for n in self.names]
         for shadow, decay in zip(self.shadows, self.decays):
-            torch._foreach_lerp_(list(shadow.values()), current, 1.0 - self.effective_decay(decay))
+            weight = 1.0 - self.effective_decay(decay)
+            if all(t.dtype == torch.float32 for t in current):
+                torch._foreach_lerp_(list(shadow.values()), current, weight)
+            else:  # low-precision weights (DeepSpeed bf16): upcast one tensor at a time, not a full fp32 copy
+                for target, value in zip(shadow.values(), current):
+                    target.lerp_(value.float(), weight)
         self.num_updates += 1
 
     @torch.no_grad()
     def __call__(self, index: int, model: torch.nn.Module, *args, **kwargs):
         """Run `model(*args, **kwargs)` as annotator `index` (its EMA parameters, everything else shared)."""
-        return functional_call(model, self.shadows[index], args, kwargs, strict=False)
+        shadows = self.shadows[index]
+        dtypes = {name: model.get_parameter(name).dtype for name in self.names}
+        if any(dtypes[name] != shadow.dtype for name, shadow in shadows.items()):
+            # The model's weights are bf16/fp16 (DeepSpeed runs them without autocast): the annotator runs with its
+            # weights rounded to that dtype, so it computes exactly as the model would with those weights.
+            shadows = {name: shadow.to(dtypes[name]) for name, shadow in shadows.items()}
+        return functional_call(model, shadows, args, kwargs, strict=False)
 
     def to(self, device: torch.device) -> "EMAAnnotators":
         self.shadows = [{n: t.to(device) for n, t in shadow.items()} for shadow in self.shadows]
@@ -71,7 +85,10 @@ class EMAAnnotators:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{k}/{n}": t for k, shadow in enumerate(self.shadows) for n, t in shadow.items()}
 
-    def save(self, folder: str) -> None:
+    def save(self, folder: str, write: bool = True) -> None:
+        """Write the annotators to `folder` (`write=False` on processes that must not write; a no-op here)."""
+        if not write:
+            return
         metadata = {"decays": json.dumps(self.decays), "num_updates": str(self.num_updates)}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, os.path.join(folder, ANNOTATORS_FILE), metadata=metadata)

@@ -106,6 +106,15 @@ class AdaptiveDPOConfig(TrainingArguments):
     margin_scale: float | None = field(
         default=None, metadata={"help": "k2 of the margin. Default None means 1 / beta (the authors' code)."}
     )
+    # ---- Model -------------------------------------------------------------------------------------------
+    vae_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder or Hub id of a VAE that replaces the pipeline's (e.g. an fp16-safe SDXL VAE such as "
+            "`madebyollin/sdxl-vae-fp16-fix`); a pipeline folder with a `vae/` subfolder also works. A VAE whose config "
+            "sets `force_upcast` (SDXL's) runs in float32 with SDXL, others in the training dtype."
+        },
+    )
     # ---- Data --------------------------------------------------------------------------------------------
     resolution: int = field(
         default=512, metadata={"help": "Training resolution: images are resized (shorter side) and cropped to it."}

@@ -62,8 +62,11 @@ def tiny_unet_config(cross_attention_dim: int = 32, sample_size: int = 8, in_cha
     return config
 
 
-def tiny_text_encoder(hidden_size: int = 32, vocab_size: int = 514, max_positions: int = 16, seed: int = 0):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_text_encoder(
+    hidden_size: int = 32, vocab_size: int = 514, max_positions: int = 16, seed: int = 0, projection_dim: int | None = None
+):
+    """A 2-layer CLIP text encoder; with `projection_dim`, a `CLIPTextModelWithProjection` (SDXL's second encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -76,8 +79,9 @@ def tiny_text_encoder(hidden_size: int = 32, vocab_size: int = 514, max_position
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
+        projection_dim=projection_dim or hidden_size,
     )
-    return CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
 
 
 def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", resolution: int = 32):
@@ -85,20 +89,11 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", resolution
 
     The VAE downsamples by 4 (two blocks), so `resolution` 32 gives 8x8x4 latents.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config(sample_size=resolution // 4))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=resolution,
-    )
+    vae = tiny_vae(resolution)
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
         prediction_type=prediction_type, clip_sample=False, steps_offset=1,  # what StableDiffusionPipeline enforces
@@ -112,6 +107,71 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", resolution
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def tiny_vae(resolution: int = 32, scaling_factor: float = 0.18215, force_upcast: bool = True):
+    """A randomly initialised AutoencoderKL that downsamples by 4 (`resolution` 32 gives 8x8x4 latents)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+        scaling_factor=scaling_factor,
+        force_upcast=force_upcast,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0, resolution: int = 32, prediction_type: str = "epsilon"):
+    """A randomly initialised StableDiffusionXLPipeline with SDXL's structure at toy size.
+
+    Two CLIP text encoders (hidden sizes 32 and 32, the second a `CLIPTextModelWithProjection` with a 32-d
+    projection), so the UNet cross-attends to their concatenated 64-d penultimate states and its added embedding
+    takes the 6 size/crop time ids (8-d Fourier features each) plus the 32-d pooled text embedding: 6 * 8 + 32 = 80.
+    The VAE downsamples by 4 and, like SDXL's, has `force_upcast=True` (kept in float32).
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    time_embed_dim, pooled_dim = 8, 32
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+        norm_num_groups=8,
+    )
+    vae = tiny_vae(resolution, scaling_factor=0.13025, force_upcast=True)
+    # SDXL ships an Euler sampler; training uses the DDPM forward process of the same schedule.
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type=prediction_type, timestep_spacing="leading", steps_offset=1,
+    )
+    return StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=tiny_text_encoder(seed=seed),
+        text_encoder_2=tiny_text_encoder(seed=seed + 1, projection_dim=pooled_dim),
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
     )
 
 

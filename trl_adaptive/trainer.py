@@ -20,11 +20,11 @@ from torch.utils._pytree import tree_map
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .annotators import EMAAnnotators
 from .caching import use_latent_cache
 from .config import AdaptiveDPOConfig
 from .data import PreferenceCollator, detect_schema, prepare_preference_dataset
-from .families import family_for, load_pipeline
+from .distributed import make_annotators, prepare_reference_model
+from .families import family_for, load_pipeline, replace_vae
 from .history import PairHistory
 from .lora_batching import LoraFrozenForwards, supports_mixed_adapter_batches
 from .losses import (
@@ -37,6 +37,7 @@ from .losses import (
     preference_loss,
 )
 from .model_card import build_model_card
+from .noise import EVAL, TRAIN, pair_generators, pair_noise_and_timesteps
 
 logger = logging.get_logger(__name__)
 
@@ -52,7 +53,7 @@ class AnnotatorUpdateCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.annotators is not None:
-            self.trainer.annotators.update(self.trainer.unwrapped(self.trainer.model))
+            self.trainer.bound_annotators().update(self.trainer.unwrapped(self.trainer.model))
 
 
 class CollatorEpochCallback(TrainerCallback):
@@ -68,9 +69,9 @@ class CollatorEpochCallback(TrainerCallback):
             self.trainer.data_collator.set_epoch(math.floor(state.epoch or 0))
 
 
-def _pair_repeat(conditioning):
-    """Conditioning of B prompts -> 2B rows (winners first, then losers), for any nesting of tensors."""
-    return tree_map(lambda x: torch.cat([x, x]) if isinstance(x, torch.Tensor) else x, conditioning)
+def _to_dtype(tree, dtype: torch.dtype):
+    """Floating-point tensors of a nested structure in `dtype` (integer tensors such as timesteps unchanged)."""
+    return tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree)
 
 
 class AdaptiveDiffusionDPOTrainer(Trainer):
@@ -111,6 +112,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             model = load_pipeline(str(model))
         else:
             self.base_model_name = getattr(model, "name_or_path", None) or model.config.get("_name_or_path") or None
+        if args.vae_name_or_path:
+            replace_vae(model, args.vae_name_or_path)
         self.family = family_for(model)
         self.family.sample_latents = args.latent_sampling == "sample"
         self.peft_config = peft_config
@@ -141,13 +144,11 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 seed=args.seed,
             )
 
-        use_annotators = args.adaptive and len(args.annotator_decays) > 0
-        self.annotators = EMAAnnotators(denoiser, args.annotator_decays) if use_annotators else None
+        self.annotators = None  # created below, once the distributed set-up (ZeRO stage) is known
         self.pair_history = None
         if args.adaptive and train_dataset is not None:
             self.pair_history = PairHistory(max(train_dataset["row_index"]) + 1)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._eval_generator = None
         super().__init__(
             model=denoiser,
             args=args,
@@ -160,9 +161,12 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         device = self.accelerator.device
         self.family.place_frozen_modules(device, self.weight_dtype)
         if self.ref_model is not None:
-            self.ref_model.to(device=device, dtype=self.weight_dtype)
-        if self.annotators is not None:
-            self.annotators.to(device)
+            # The reference must compute exactly as the policy does (identical weights give a logit of exactly 0):
+            # DeepSpeed runs the policy in the training dtype, autocast mixed precision keeps its weights in fp32.
+            policy_dtype = self.weight_dtype if self.is_deepspeed_enabled else next(denoiser.parameters()).dtype
+            self.ref_model = prepare_reference_model(self.ref_model, self.accelerator, policy_dtype)
+        if args.adaptive and len(args.annotator_decays) > 0:
+            self.annotators = make_annotators(denoiser, args.annotator_decays, self.accelerator).to(device)
         self.lora_forwards = None  # LoRA reference (and batched annotators) without walking the module tree
         if peft_config is not None and supports_mixed_adapter_batches(peft_config) and not self.is_deepspeed_enabled:
             self.lora_forwards = LoraFrozenForwards(
@@ -217,9 +221,20 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
     @torch.no_grad()
     def _reference_prediction(self, denoiser, noisy, timesteps, conditioning):
         if self.ref_model is not None:
-            return self.family.predict(self.ref_model, noisy, timesteps, conditioning)
+            # The reference must compute exactly as the policy would with the same weights: under the same autocast
+            # (accelerate wraps only the prepared policy's forward) and in the same module mode (diffusers' ResNet
+            # blocks take a different, differently rounded path in train mode). Like the LoRA reference (the policy
+            # with adapters off), it therefore also shares the policy's dropout, which diffusers' UNets default to 0.
+            self.ref_model.train(denoiser.training)
+            with self.accelerator.autocast():
+                return self.family.predict(self.ref_model, noisy, timesteps, conditioning)
         with self._adapters_disabled(denoiser):
             return self.family.predict(denoiser, noisy, timesteps, conditioning)
+
+    def bound_annotators(self):
+        """The EMA annotators, attached to the prepared model (ZeRO-3 shards need its DeepSpeed engine)."""
+        self.annotators.bind(self.model_wrapped)
+        return self.annotators
 
     @torch.no_grad()
     def _frozen_predictions(self, denoiser, noisy, timesteps, conditioning, with_annotators: bool):
@@ -236,27 +251,34 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 reference = self._reference_prediction(denoiser, noisy, timesteps, conditioning)
             if not with_annotators:
                 return reference, []
-            annotators = []
-            for k in range(len(self.annotators)):
-                as_annotator = lambda *a, _k=k, **kw: self.annotators(_k, denoiser, *a, **kw)  # noqa: E731
-                annotators.append(self.family.predict(as_annotator, noisy, timesteps, conditioning))
-            return reference, annotators
+            annotators, predictions = self.bound_annotators(), []
+            for k in range(len(annotators)):
+                as_annotator = lambda *a, _k=k, **kw: annotators(_k, denoiser, *a, **kw)  # noqa: E731
+                predictions.append(self.family.predict(as_annotator, noisy, timesteps, conditioning))
+            return reference, predictions
 
-    def pair_forward(self, model, inputs, generator=None) -> dict[str, torch.Tensor]:
+    def pair_forward(self, model, inputs) -> dict[str, torch.Tensor]:
         """Policy, reference and annotator denoising errors of each pair on shared noise and timestep.
+
+        Each pair's randomness (VAE posterior samples, noise, timestep) comes from its own generator keyed by
+        (seed, step, row_index), so it is the same on any number of processes (`trl_adaptive.noise`).
 
         Returns ``policy_errors`` and ``reference_errors`` of shape (2B,) (winners first) and ``logits`` of shape
         (K, B): row 0 is the current model (with gradient), rows 1.. the EMA annotators (detached).
         """
         family = self.family
-        chosen, rejected = family.latents(inputs, "chosen"), family.latents(inputs, "rejected")
+        step, purpose = (self.state.global_step, TRAIN) if model.training else (0, EVAL)
+        generators = pair_generators(self.args.seed, step, inputs["row_index"], self.args.device, purpose)
+        chosen = family.latents(inputs, "chosen", generator=generators)
+        rejected = family.latents(inputs, "rejected", generator=generators)
         latents = torch.cat([chosen, rejected])
-        noise = torch.randn(chosen.shape, generator=generator, device=chosen.device, dtype=chosen.dtype)
-        timesteps = family.sample_timesteps(chosen.shape[0], chosen.device, generator=generator)
+        noise, timesteps = pair_noise_and_timesteps(family, generators, chosen.shape, chosen.device, chosen.dtype)
         noise, timesteps = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
         noisy = family.add_noise(latents, noise, timesteps)
         target = family.target(latents, noise, timesteps)
-        conditioning = _pair_repeat(family.condition(inputs))
+        # Denoiser inputs in the training dtype: DeepSpeed runs bf16/fp16 weights without autocast.
+        noisy = noisy.to(self.weight_dtype)
+        conditioning = _to_dtype(family.condition(inputs), self.weight_dtype)
 
         denoiser = self.unwrapped(model)
         # The no-gradient forwards run first, so their activations never coexist with the policy's saved ones.
@@ -313,7 +335,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        out = self.pair_forward(model, inputs, generator=self._eval_generator if mode == "eval" else None)
+        out = self.pair_forward(model, inputs)
         logits = out["logits"][0]
         u = weights = margins = None
         if self.args.adaptive and self._metric_active():
@@ -368,18 +390,13 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
 
     # ---- evaluation ------------------------------------------------------------------------------------
     def evaluate(self, *args, **kwargs):
-        # The same noise, timesteps and VAE latent samples at every evaluation, so eval metrics are comparable across
-        # steps. The VAE samples from the global RNG, so that is seeded too, inside a fork: evaluating mid-training
-        # must not shift the training run's random stream.
+        # Evaluation noise is keyed by (seed, row_index) only (`trl_adaptive.noise`): the same at every evaluation.
+        # Building the eval dataloader still draws from the global RNG, so evaluate inside a fork: evaluating
+        # mid-training must not shift the training run's random stream.
         device = self.args.device
         forked = [] if device.type == "cpu" else [device]
-        with torch.random.fork_rng(devices=forked, device_type=device.type if forked else None):
-            torch.manual_seed(self.args.seed)
-            self._eval_generator = torch.Generator(device=device).manual_seed(self.args.seed)
-            try:
-                return super().evaluate(*args, **kwargs)
-            finally:
-                self._eval_generator = None
+        with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
+            return super().evaluate(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -394,7 +411,11 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         denoiser = self.accelerator.unwrap_model(self.model)
-        if self.peft_config is not None:
+        if state_dict is not None and len(state_dict) == 0:
+            # DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save: the Trainer saves the sharded
+            # DeepSpeed checkpoint instead; there are no consolidated weights to write.
+            logger.warning(f"No consolidated weights written to {output_dir} (ZeRO-3 without gathering on save)")
+        elif self.peft_config is not None:
             self.family.save_lora(output_dir, denoiser, self.peft_config, state_dict=state_dict)
         elif state_dict is None:
             self.family.save_pipeline(output_dir)
@@ -417,20 +438,20 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             return super()._load_best_model()
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
-    # The annotators are training state like the optimizer's moments: saved and restored beside them.
+    # The annotators are training state like the optimizer's moments: saved and restored beside them. Every process
+    # calls these (sharded annotators gather their shards); only the main process writes.
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
-            if self.annotators is not None:
-                self.annotators.save(output_dir)
-            if self.pair_history is not None:
-                self.pair_history.save(output_dir)
+        if self.annotators is not None:
+            self.bound_annotators().save(output_dir, write=self.args.should_save)
+        if self.pair_history is not None and self.args.should_save:
+            self.pair_history.save(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
             if self.annotators is not None:
-                self.annotators.load(checkpoint)
+                self.bound_annotators().load(checkpoint)
             if self.pair_history is not None:
                 self.pair_history.load(checkpoint)
 

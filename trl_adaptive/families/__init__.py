@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from .base import DiffusionFamily
+from .sdxl import StableDiffusionXLFamily
 from .stable_diffusion import StableDiffusionFamily
 
 #: Registered families, most specific first (a subclass pipeline must match its own family before its parent's).
-FAMILIES: list[type[DiffusionFamily]] = [StableDiffusionFamily]
+FAMILIES: list[type[DiffusionFamily]] = [StableDiffusionXLFamily, StableDiffusionFamily]
 
 
 def register_family(family: type[DiffusionFamily]) -> type[DiffusionFamily]:
@@ -23,6 +24,23 @@ def family_for(pipeline) -> DiffusionFamily:
     raise ValueError(f"Unsupported pipeline {type(pipeline).__name__}; supported: {supported}")
 
 
+def replace_vae(pipeline, vae_name_or_path: str) -> None:
+    """Swap the pipeline's VAE for another one (e.g. an fp16-safe SDXL VAE): a folder or Hub id holding an
+    `AutoencoderKL`, either at its top level or in a `vae/` subfolder (a whole pipeline)."""
+    import os
+
+    from diffusers import AutoencoderKL
+
+    if getattr(pipeline, "vae", None) is None:
+        raise ValueError(f"vae_name_or_path={vae_name_or_path!r} given, but {type(pipeline).__name__} has no VAE")
+    subfolder = "vae" if os.path.isdir(os.path.join(vae_name_or_path, "vae")) else None
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_name_or_path, subfolder=subfolder)
+    except Exception as err:  # missing folder, bad Hub id, wrong model class: name the option
+        raise ValueError(f"vae_name_or_path={vae_name_or_path!r}: cannot load an AutoencoderKL from it ({err})") from err
+    pipeline.register_modules(vae=vae)
+
+
 def load_pipeline(model_name_or_path: str, **kwargs):
     """Load any supported pipeline from a folder or Hub id (the class is read from its model_index.json)."""
     from diffusers import DiffusionPipeline
@@ -30,4 +48,4 @@ def load_pipeline(model_name_or_path: str, **kwargs):
     return DiffusionPipeline.from_pretrained(model_name_or_path, **kwargs)
 
 
-__all__ = ["DiffusionFamily", "StableDiffusionFamily", "FAMILIES", "family_for", "load_pipeline", "register_family"]
+__all__ = ["DiffusionFamily", "StableDiffusionFamily", "StableDiffusionXLFamily", "FAMILIES", "family_for", "load_pipeline", "register_family", "replace_vae"]

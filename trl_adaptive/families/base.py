@@ -16,8 +16,17 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from huggingface_hub import load_torch_model, save_torch_state_dict
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from torch.utils._pytree import tree_map
+
+#: File names of a diffusers model's weights (`{suffix}` is empty, or a shard's number when sharded).
+DENOISER_WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
+
+
+def repeat_for_pairs(conditioning):
+    """Conditioning of B prompts -> 2B rows (winners first, then losers), for any nesting of tensors."""
+    return tree_map(lambda x: torch.cat([x, x]) if isinstance(x, torch.Tensor) else x, conditioning)
 
 
 class DiffusionFamily(ABC):
@@ -94,16 +103,21 @@ class DiffusionFamily(ABC):
         return {"prompt_embeds": self.encode_prompts(prompts)["encoder_hidden_states"]}
 
     def extra_conditioning(self, batch: dict[str, Any], conditioning: dict[str, Any]) -> dict[str, Any]:
-        """Hook for conditioning that depends on the images, not the prompt (SDXL's size/crop time ids)."""
+        """Hook for conditioning that depends on the images, not the prompt (SDXL's size/crop time ids).
+
+        `conditioning` already has 2B rows (winners first, then losers): a family adds per-image entries here.
+        """
         return conditioning
 
     def condition(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Denoiser keyword arguments for a collated batch: cached embeddings when present, else encoded prompts."""
+        """Denoiser keyword arguments for the 2B images of a collated batch of B pairs (winners first, then losers):
+        cached embeddings when present, else encoded prompts, repeated for both images of each pair, plus any
+        per-image conditioning from `extra_conditioning`."""
         if "prompt_embeds" in batch:
             conditioning = self.conditioning_from_cache(batch)
         else:
             conditioning = self.encode_prompts(batch["prompts"])
-        return self.extra_conditioning(batch, conditioning)
+        return self.extra_conditioning(batch, repeat_for_pairs(conditioning))
 
     def conditioning_from_cache(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Denoiser keyword arguments from cached text embeddings (see `trl_adaptive.caching`)."""
@@ -166,11 +180,16 @@ class DiffusionFamily(ABC):
         by DeepSpeed), those weights replace the in-memory denoiser's."""
         self.pipeline.save_pretrained(output_dir, safe_serialization=True)
         if denoiser_state_dict is not None:
+            # Under ZeRO-3 the in-memory UNet holds only empty placeholders: its files are replaced by the gathered
+            # weights, sharded (with an index) the way diffusers writes and reads large models.
             folder = os.path.join(output_dir, "unet")
-            tensors = {k: v.detach().cpu().contiguous() for k, v in denoiser_state_dict.items()}
-            save_file(tensors, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+            for name in os.listdir(folder):
+                if name.startswith("diffusion_pytorch_model"):
+                    os.remove(os.path.join(folder, name))
+            # Own storage per tensor: DeepSpeed gathers into views of one flat buffer, which safetensors refuses.
+            tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in denoiser_state_dict.items()}
+            save_torch_state_dict(tensors, folder, filename_pattern=DENOISER_WEIGHTS_PATTERN, max_shard_size="10GB")
 
     def load_denoiser_into(self, denoiser: torch.nn.Module, folder: str) -> None:
-        """Load denoiser weights written by `save_pipeline` (used to resume a full fine-tune)."""
-        state_dict = load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
-        denoiser.load_state_dict(state_dict, strict=True)
+        """Load denoiser weights written by `save_pipeline`, sharded or not (used to resume a full fine-tune)."""
+        load_torch_model(denoiser, os.path.join(folder, "unet"), strict=True, filename_pattern=DENOISER_WEIGHTS_PATTERN)
