@@ -193,3 +193,12 @@ def test_latent_cache_replays_what_the_family_computes_from_pixels(case, tmp_pat
             family.latents(pixel_batch, key, generator=generators()),
             rtol=1e-5, atol=1e-5,
         )
+
+
+def test_pair_latents_encode_both_sides_at_once_with_the_same_draws(case, batch):
+    build, _, _ = case
+    family = family_for(build())
+    generators = lambda: [torch.Generator().manual_seed(seed) for seed in range(4)]  # noqa: E731
+    shared = generators()  # one generator per pair, drawn for the winner first, then the loser
+    separate = torch.cat([family.latents(batch, "chosen", generator=shared), family.latents(batch, "rejected", generator=shared)])
+    torch.testing.assert_close(family.pair_latents(batch, generator=generators()), separate, rtol=1e-5, atol=1e-5)

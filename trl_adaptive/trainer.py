@@ -269,9 +269,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         family = self.family
         step, purpose = (self.state.global_step, TRAIN) if model.training else (0, EVAL)
         generators = pair_generators(self.args.seed, step, inputs["row_index"], self.args.device, purpose)
-        chosen = family.latents(inputs, "chosen", generator=generators)
-        rejected = family.latents(inputs, "rejected", generator=generators)
-        latents = torch.cat([chosen, rejected])
+        latents = family.pair_latents(inputs, generator=generators)  # one VAE call for both images of every pair
+        chosen = latents[: latents.shape[0] // 2]
         noise, timesteps = pair_noise_and_timesteps(family, generators, chosen.shape, chosen.device, chosen.dtype)
         noise, timesteps = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
         noisy = family.add_noise(latents, noise, timesteps)

@@ -131,6 +131,14 @@ class DiffusionFamily(ABC):
             return self.draw_latents(batch[f"latents_{key}"], batch.get(f"latents_{key}_std"), generator)
         return self.encode_images(batch[f"pixel_values_{key}"], generator=generator)
 
+    def pair_latents(self, batch: dict[str, Any], generator=None) -> torch.Tensor:
+        """Latents of the 2B images of a batch, winners first, then losers: `latents` of both sides, with the pixels
+        of both encoded in one VAE call (the same draws from `generator` as two calls: chosen rows, then rejected)."""
+        if "pixel_values_chosen" not in batch or "latents_chosen" in batch:
+            return torch.cat([self.latents(batch, "chosen", generator), self.latents(batch, "rejected", generator)])
+        pixels = torch.cat([batch["pixel_values_chosen"], batch["pixel_values_rejected"]])
+        return self.encode_images(pixels, generator=generator + generator if isinstance(generator, list) else generator)
+
     # ---- forward process -------------------------------------------------------------------------------
     def sample_timesteps(self, batch_size: int, device: torch.device, generator=None) -> torch.Tensor:
         num = self.noise_scheduler.config.num_train_timesteps
