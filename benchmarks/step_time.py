@@ -55,7 +55,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from trl_adaptive import AdaptiveDPOConfig, AdaptiveDiffusionDPOTrainer, family_for  # noqa: E402
 from trl_adaptive.data import PreferenceCollator, detect_schema, prepare_preference_dataset  # noqa: E402
-from trl_adaptive.tiny import tiny_sd_pipeline, toy_preference_dataset  # noqa: E402
+from trl_adaptive.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline, toy_preference_dataset  # noqa: E402
 
 #: Dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name substring, most specific first (vendor data sheets).
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12))
@@ -612,7 +612,7 @@ def print_report(results: dict[str, dict], opts, device) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["tiny"], default="tiny", help="built-in architecture (CPU-sized)")
+    parser.add_argument("--arch", choices=["tiny", "tiny-sdxl"], default="tiny", help="built-in CPU-sized architecture")
     parser.add_argument("--arch-dir", help="model folder with configs (e.g. ../shared/model-configs/sd15): random weights")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="lora", action="store_true", default=True, help="train LoRA adapters (default)")
@@ -696,7 +696,12 @@ def main(argv=None) -> dict[str, dict]:
     opts.dtype = opts.dtype_name
     weight_dtype = DTYPES[opts.dtype_name]
 
-    template = pipeline_from_config_folder(opts.arch_dir) if opts.arch_dir else tiny_sd_pipeline(seed=0, resolution=64)
+    if opts.arch_dir:
+        template = pipeline_from_config_folder(opts.arch_dir)
+    elif opts.arch == "tiny-sdxl":
+        template = tiny_sdxl_pipeline(seed=0, resolution=64)
+    else:
+        template = tiny_sd_pipeline(seed=0, resolution=64)
     opts.resolution = opts.resolution or (default_resolution(template) if opts.arch_dir else 64)
     if opts.arch_dir is None:  # the tiny VAE downsamples by 4: keep the UNet's sample size consistent
         template.unet.register_to_config(sample_size=opts.resolution // 4)
@@ -704,7 +709,7 @@ def main(argv=None) -> dict[str, dict]:
     dataset, _ = prepare_preference_dataset(toy_preference_dataset(num_pairs=num_pairs, size=opts.resolution, seed=0))
     opts.cache_dir = tempfile.mkdtemp(prefix="step-time-cache-")
 
-    arch = opts.arch_dir or f"tiny ({opts.resolution}px)"
+    arch = opts.arch_dir or f"{opts.arch} ({opts.resolution}px)"
     print(
         f"step_time: arch={arch} mode={'LoRA r=' + str(opts.rank) if opts.lora else 'full'} batch={opts.batch} pairs "
         f"dtype={opts.dtype_name} device={torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'} "
