@@ -23,6 +23,7 @@ from .annotators import EMAAnnotators
 from .config import AdaptiveDPOConfig
 from .data import PreferenceCollator, detect_schema, prepare_preference_dataset
 from .families import family_for, load_pipeline
+from .filtering import logit_evidence, minority_keep_mask
 from .history import PairHistory
 from .losses import (
     adaptive_margin,
@@ -126,6 +127,14 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         self.pair_history = None
         if args.adaptive and train_dataset is not None:
             self.pair_history = PairHistory(max(train_dataset["row_index"]) + 1)
+        # The minority filter's per-pair evidence: the pair history itself for `score`, its own record for `logit`.
+        self.evidence_history = None
+        if args.minority_filter != "none" and train_dataset is not None:
+            if args.minority_evidence == "score":
+                self.evidence_history = self.pair_history
+            else:
+                num_rows = max(train_dataset["row_index"]) + 1
+                self.evidence_history = PairHistory(num_rows, filename="pair_logit_evidence.safetensors")
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._eval_generator = None
         super().__init__(
@@ -268,10 +277,48 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             annotator_logits = torch.stack([x.detach() for x in out["logits"]])
             u = self.minority_scores(annotator_logits, inputs, training=mode == "train")
             weights, margins = self.adaptive_terms(u, logits)
+        keep = self.minority_filter_mask(logits, inputs) if mode == "train" else None
+        if keep is not None:
+            weights = keep if weights is None else weights * keep
         losses = preference_loss(logits, self.args.beta, self.args.loss_type, self.args.label_smoothing, weights, margins)
         self._record_metrics(mode, out, u, weights, margins, inputs)
+        if keep is not None:
+            self._record_filter_metrics(keep, inputs)
         loss = losses.mean()
         return (loss, out) if return_outputs else loss
+
+    def minority_filter_mask(self, logits: torch.Tensor, inputs) -> torch.Tensor | None:
+        """The minority filter (docs/method.md): record this visit's evidence, then 0 for pairs judged minority."""
+        args = self.args
+        if self.evidence_history is None:
+            return None
+        rows = inputs["row_index"]
+        if args.minority_evidence == "logit":  # `score` is recorded by minority_scores into the same history
+            rms = self._global_mean(logits.detach().pow(2)).sqrt()
+            self.evidence_history.record(self._gather(rows), self._gather(logit_evidence(logits, rms)))
+        if self.state.global_step < args.minority_filter_warmup_steps:
+            return None
+        keep = minority_keep_mask(
+            self.evidence_history.mean(rows),
+            self.evidence_history.visit_counts(rows),
+            self.evidence_history.means_with_visits(args.minority_filter_min_visits).float(),
+            args.minority_filter,
+            fraction=args.minority_filter_fraction,
+            min_visits=args.minority_filter_min_visits,
+            max_fraction=args.minority_filter_max_fraction,
+            min_separation=args.minority_filter_min_separation,
+        )
+        return keep.to(logits.device)
+
+    def _record_filter_metrics(self, keep: torch.Tensor, inputs) -> None:
+        keep = self._gather(keep)
+        self._metrics["train"]["minority/kept_fraction"].append(keep.mean().item())
+        if "flipped" in inputs:
+            flipped = self._gather(inputs["flipped"].float()).bool()
+            if flipped.any():
+                self._metrics["train"]["minority/flipped_dropped"].append((1 - keep[flipped]).mean().item())
+            if (~flipped).any():
+                self._metrics["train"]["minority/clean_dropped"].append((1 - keep[~flipped]).mean().item())
 
     # ---- metrics ---------------------------------------------------------------------------------------
     def _record_metrics(self, mode, out, u, weights, margins, inputs) -> None:
@@ -360,6 +407,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 self.annotators.save(output_dir)
             if self.pair_history is not None:
                 self.pair_history.save(output_dir)
+            if self.evidence_history is not None and self.evidence_history is not self.pair_history:
+                self.evidence_history.save(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -368,6 +417,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 self.annotators.load(checkpoint)
             if self.pair_history is not None:
                 self.pair_history.load(checkpoint)
+            if self.evidence_history is not None and self.evidence_history is not self.pair_history:
+                self.evidence_history.load(checkpoint)
 
     # ---- model card ------------------------------------------------------------------------------------
     def _write_model_card(self, folder: str) -> None:
