@@ -71,3 +71,9 @@ def test_mixture_keeps_everything_on_a_unimodal_sample():
     assert mixture_separation(two_gaussian_mixture(normal)) < 2.0
     keep = minority_keep_mask(normal, torch.full((199,), 5), normal, "mixture")
     assert keep.min().item() == 1.0
+
+
+def test_wrong_sign_evidence_votes_when_logit_negative():
+    from trl_adaptive.filtering import wrong_sign_evidence
+
+    assert wrong_sign_evidence(torch.tensor([0.3, -1e-6, 0.0, -2.0])).tolist() == [0.0, 1.0, 0.0, 1.0]

@@ -119,8 +119,9 @@ class AdaptiveDPOConfig(TrainingArguments):
     minority_evidence: str = field(
         default="logit",
         metadata={
-            "help": "Per-visit evidence the filter averages: `logit` (-l divided by the global batch's RMS of l; "
-            "needs no annotators) or `score` (the Adaptive-DPO metric u; needs adaptive=True)."
+            "help": "Per-visit evidence the filter averages: `logit` (-l divided by the global batch's RMS of l), "
+            "`wrong_sign` (1 when l < 0: the share of visits on which the model ranked the pair against its label); "
+            "neither needs annotators; or `score` (the Adaptive-DPO metric u; needs adaptive=True)."
         },
     )
     minority_filter_fraction: float = field(

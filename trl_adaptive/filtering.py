@@ -21,7 +21,7 @@ import torch
 #: Values of ``AdaptiveDPOConfig.minority_filter``.
 MINORITY_FILTERS = ("none", "top_fraction", "mixture")
 #: Values of ``AdaptiveDPOConfig.minority_evidence``.
-MINORITY_EVIDENCE = ("logit", "score")
+MINORITY_EVIDENCE = ("logit", "wrong_sign", "score")
 
 
 def logit_evidence(logits: torch.Tensor, rms: torch.Tensor | float) -> torch.Tensor:
@@ -32,6 +32,15 @@ def logit_evidence(logits: torch.Tensor, rms: torch.Tensor | float) -> torch.Ten
     """
     rms = torch.as_tensor(rms, dtype=torch.float32, device=logits.device).clamp_min(1e-12)
     return (-logits.detach().float() / rms).detach()
+
+
+def wrong_sign_evidence(logits: torch.Tensor) -> torch.Tensor:
+    """Minority evidence of one visit as a 0/1 vote: 1 when the model ranks the pair against its label (``l < 0``).
+
+    Its mean over visits is the share of visits on which the pair was ranked wrongly; scale-free, so visits at
+    timesteps with large logits do not dominate it (they do dominate the mean of ``-l / rms``).
+    """
+    return (logits.detach() < 0).float()
 
 
 def top_fraction_threshold(evidence_means: torch.Tensor, fraction: float) -> float:

@@ -23,7 +23,7 @@ from .annotators import EMAAnnotators
 from .config import AdaptiveDPOConfig
 from .data import PreferenceCollator, detect_schema, prepare_preference_dataset
 from .families import family_for, load_pipeline
-from .filtering import logit_evidence, minority_keep_mask
+from .filtering import logit_evidence, minority_keep_mask, wrong_sign_evidence
 from .history import PairHistory
 from .losses import (
     adaptive_margin,
@@ -296,6 +296,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         if args.minority_evidence == "logit":  # `score` is recorded by minority_scores into the same history
             rms = self._global_mean(logits.detach().pow(2)).sqrt()
             self.evidence_history.record(self._gather(rows), self._gather(logit_evidence(logits, rms)))
+        elif args.minority_evidence == "wrong_sign":
+            self.evidence_history.record(self._gather(rows), self._gather(wrong_sign_evidence(logits)))
         if self.state.global_step < args.minority_filter_warmup_steps:
             return None
         keep = minority_keep_mask(
