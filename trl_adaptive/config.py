@@ -124,6 +124,13 @@ class AdaptiveDPOConfig(TrainingArguments):
             "neither needs annotators; or `score` (the Adaptive-DPO metric u; needs adaptive=True)."
         },
     )
+    minority_evidence_draws: int = field(
+        default=0,
+        metadata={
+            "help": "Extra noise/timestep draws per visit for `logit`/`wrong_sign` evidence (no gradient; each costs a "
+            "policy and a reference forward of the batch, as one EMA annotator does). 0: the training draw only."
+        },
+    )
     minority_filter_fraction: float = field(
         default=0.2, metadata={"help": "Share of pairs `top_fraction` drops, in [0, 1) (the assumed flip rate)."}
     )
@@ -210,7 +217,8 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError(f"AdaptiveDPOConfig.annotator_interval must be >= 1, got {self.annotator_interval}")
         if self.metric_rho <= 0:
             raise ValueError(f"AdaptiveDPOConfig.metric_rho must be > 0, got {self.metric_rho}")
-        for name in ("metric_warmup_steps", "minority_filter_warmup_steps", "minority_filter_min_visits"):
+        for name in ("metric_warmup_steps", "minority_filter_warmup_steps", "minority_filter_min_visits",
+                     "minority_evidence_draws"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AdaptiveDPOConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.weight_intercept <= 0 and self.weight_fn in ("linear", "quadratic"):

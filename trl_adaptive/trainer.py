@@ -293,11 +293,17 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         if self.evidence_history is None:
             return None
         rows = inputs["row_index"]
-        if args.minority_evidence == "logit":  # `score` is recorded by minority_scores into the same history
-            rms = self._global_mean(logits.detach().pow(2)).sqrt()
-            self.evidence_history.record(self._gather(rows), self._gather(logit_evidence(logits, rms)))
-        elif args.minority_evidence == "wrong_sign":
-            self.evidence_history.record(self._gather(rows), self._gather(wrong_sign_evidence(logits)))
+        if args.minority_evidence != "score":  # `score` is recorded by minority_scores into the same history
+            draws = [logits.detach()]
+            if args.minority_evidence_draws:  # extra noise/timestep draws of the same pairs: a less noisy vote
+                with torch.no_grad():
+                    draws += [self.pair_forward(self.model, inputs)["logits"][0] for _ in range(args.minority_evidence_draws)]
+            for draw in draws:
+                if args.minority_evidence == "logit":
+                    evidence = logit_evidence(draw, self._global_mean(draw.pow(2)).sqrt())
+                else:
+                    evidence = wrong_sign_evidence(draw)
+                self.evidence_history.record(self._gather(rows), self._gather(evidence))
         if self.state.global_step < args.minority_filter_warmup_steps:
             return None
         keep = minority_keep_mask(

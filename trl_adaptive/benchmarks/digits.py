@@ -99,7 +99,14 @@ def method_overrides(method: str, flip_rate: float, train_steps: int = 0) -> dic
 
 
 #: The minority filter's settings, chosen on validation seeds (see docs/results.md for the sweep).
-FILTER_OVERRIDES: dict = {"adaptive": False, "minority_filter": "mixture", "minority_filter_min_visits": 2}
+FILTER_OVERRIDES: dict = {
+    "adaptive": False,
+    "minority_filter": "top_fraction",
+    "minority_evidence": "wrong_sign",
+    "minority_evidence_draws": 2,
+    "minority_filter_fraction": 0.2,
+    "minority_filter_min_visits": 2,
+}
 #: Share of the fine-tuning steps spent gathering evidence before the filter drops anything.
 FILTER_WARMUP_SHARE = 1 / 3
 
@@ -362,6 +369,7 @@ def _recording_trainer_class():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.visits = {"row": [], "step": [], "logit": [], "score": []}
+            self.metric_history: dict[str, list[float]] = {}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, out = super().compute_loss(model, inputs, return_outputs=True)
@@ -379,6 +387,11 @@ def _recording_trainer_class():
             if training:
                 self._last_scores = u.detach().float().cpu()
             return u
+
+        def log(self, logs, start_time=None):
+            for name, values in self._metrics["train"].items():  # kept for the run summary before log() clears them
+                self.metric_history.setdefault(name, []).extend(values)
+            super().log(logs, start_time)
 
         def visit_table(self) -> dict[str, np.ndarray]:
             return {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in self.visits.items()}
@@ -428,9 +441,9 @@ def train_method(base_folder: str, dataset, method: str, flip_rate: float, setti
         flipped_by_row = np.zeros(max(dataset["row_index"]) + 1, dtype=bool)
         flipped_by_row[np.asarray(dataset["row_index"])] = np.asarray(dataset["flipped"], dtype=bool)
         visits["flipped"] = flipped_by_row[visits["row"]]
-    # Metric lists are never flushed (logging is off), so they hold every step: mean filter statistics of the run.
+    # Mean filter statistics over the steps where the filter was active.
     visits["filter_stats"] = {
-        name: float(np.mean(values)) for name, values in trainer._metrics["train"].items()
+        name: float(np.mean(values)) for name, values in trainer.metric_history.items()
         if name in ("minority/kept_fraction", "minority/flipped_dropped", "minority/clean_dropped") and values
     }
     unet = trainer.accelerator.unwrap_model(trainer.model).eval()
