@@ -26,7 +26,8 @@ def test_quick_demo_writes_complete_outputs(tmp_path):
     for key, run in saved["per_seed"][0]["runs"].items():
         assert 0.0 <= run["reward"] <= 1.0 and 0.0 <= run["win_rate"] <= 1.0, key
     summary = saved["summary"]
-    assert math.isfinite(summary["filter@0.2"]["gap_closed"]) or summary["filter@0.2"]["gap_closed"] is None
+    gap_closed = summary["filter@0.2"].get("gap_closed")
+    assert gap_closed is None or math.isfinite(gap_closed)  # None when the oracle does not beat DPO
     # The paper's Figure 3 and the AUROC of u come from the adaptive run with flipped pairs.
     assert 0.0 <= summary["adaptive@0.2"]["auroc_u_pair_mean"] <= 1.0
     assert len(summary["adaptive@0.2"]["flipped_share_by_u_decile"]) == 10

@@ -127,7 +127,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         self.pair_history = None
         if args.adaptive and train_dataset is not None:
             self.pair_history = PairHistory(max(train_dataset["row_index"]) + 1)
-        # The minority filter's per-pair evidence: the pair history itself for `score`, its own record for `logit`.
+        # The minority filter's per-pair evidence: the pair history itself for `score`, its own record otherwise.
         self.evidence_history = None
         if args.minority_filter != "none" and train_dataset is not None:
             if args.minority_evidence == "score":
@@ -288,7 +288,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
     def minority_filter_mask(self, logits: torch.Tensor, inputs) -> torch.Tensor | None:
-        """The minority filter (docs/method.md): record this visit's evidence, then 0 for pairs judged minority."""
+        """The minority filter (docs/minority_filter.md): record this visit's evidence, then 0 for pairs judged minority."""
         args = self.args
         if self.evidence_history is None:
             return None

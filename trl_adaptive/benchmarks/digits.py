@@ -642,7 +642,7 @@ def markdown_table(summary: dict, settings: BenchmarkSettings, num_seeds: int) -
     for rate in settings.flip_rates:
         for method in settings.methods:
             e = summary.get(f"{method}@{rate}")
-            if e is None:
+            if e is None or (rate == 0.0 and method in ("cdpo", "oracle")):  # identical to Diffusion-DPO there
                 continue
             reward = f"{e['reward_mean']:.4f} +- {fmt(e['reward_sd'], '.4f')}"
             win = f"{e['win_rate_mean']:.3f} +- {fmt(e['win_rate_ci95'], '.3f')}"
@@ -699,7 +699,8 @@ def make_plots(summary: dict, seed_results: list[dict], settings: BenchmarkSetti
     samples = seed_results[0]["samples"]
     digits = seed_results[0]["eval_digits"]
     if samples:
-        names = list(samples)
+        top = max(settings.flip_rates)
+        names = [n for n in samples if n == "base" or float(n.partition("@")[2]) == top]
         per_class = min(8, int(np.sum(digits == 0)))
         fig, axes = plt.subplots(len(names), 1, figsize=(per_class * 1.0, 10 * len(names) / 8 * 1.1 + 0.5))
         axes = np.atleast_1d(axes)
@@ -818,7 +819,7 @@ def merge_reports(args, argv) -> dict:
     start = time.perf_counter()
     per_seed: dict[int, dict] = {}
     first = None
-    samples = None
+    samples, samples_seed = None, None
     for folder in args.merge:
         with open(os.path.join(folder, "results.json")) as f:
             report = json.load(f)
@@ -826,8 +827,13 @@ def merge_reports(args, argv) -> dict:
         for entry in report["per_seed"]:
             merged = per_seed.setdefault(entry["seed"], {**entry, "runs": {}})
             merged["runs"].update(entry["runs"])
-        if samples is None and os.path.isfile(os.path.join(folder, "samples.npz")):
-            samples = dict(np.load(os.path.join(folder, "samples.npz")))
+        if os.path.isfile(os.path.join(folder, "samples.npz")) and report["seeds"][0] == min(report["seeds"]):
+            # sample grids of the first seed only (same evaluation noise in every part), union of their methods
+            found = dict(np.load(os.path.join(folder, "samples.npz")))
+            if samples is None or int(report["seeds"][0]) < samples_seed:
+                samples, samples_seed = found, int(report["seeds"][0])
+            elif int(report["seeds"][0]) == samples_seed:
+                samples.update(found)
     settings = BenchmarkSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in first["settings"].items()})
     keys = [key for entry in per_seed.values() for key in entry["runs"]]
     settings.flip_rates = tuple(sorted({float(k.split("@")[1]) for k in keys}))
