@@ -12,7 +12,10 @@ Pipeline (each step documented where it is implemented):
 4. **Methods at equal budgets** (same steps, batch and learning rate), all trained by
    ``AdaptiveDiffusionDPOTrainer`` with a full fine-tune: Diffusion-DPO, cDPO (label_smoothing = flip rate),
    Adaptive-DPO as the paper defines it, its amortised mode (``annotator_interval``), the minority filter of this
-   library (``minority_filter``), and the oracle (Diffusion-DPO on the unflipped pairs only).
+   library (``minority_filter``, settings in ``FILTER_OVERRIDES``, chosen on validation seed 100), and the oracle
+   (Diffusion-DPO on the unflipped pairs only).
+
+Results, setup details and the validation sweep: docs/results.md.
 5. **Evaluation** on held-out generation seeds and a prompt template the preference data never used: mean rater
    reward, win rate against the base model paired by prompt and seed, and how well each method's per-pair
    minority evidence finds the flipped pairs (AUROC, flipped share per decile).
@@ -702,7 +705,7 @@ def make_plots(summary: dict, seed_results: list[dict], settings: BenchmarkSetti
         top = max(settings.flip_rates)
         names = [n for n in samples if n == "base" or float(n.partition("@")[2]) == top]
         per_class = min(8, int(np.sum(digits == 0)))
-        fig, axes = plt.subplots(len(names), 1, figsize=(per_class * 1.0, 10 * len(names) / 8 * 1.1 + 0.5))
+        fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 3.6))  # panels side by side
         axes = np.atleast_1d(axes)
         for ax, name in zip(axes, names):
             rows = []
@@ -711,7 +714,7 @@ def make_plots(summary: dict, seed_results: list[dict], settings: BenchmarkSetti
                 rows.append(np.concatenate(list(samples[name][idx]), axis=1))
             ax.imshow(np.concatenate(rows, axis=0), cmap="gray_r", vmin=0, vmax=255)
             method, _, rate = name.partition("@")
-            ax.set_title(METHOD_LABELS.get(method, "base model") + (f", {float(rate):.0%} flips" if rate else ""), fontsize=8)
+            ax.set_title(METHOD_LABELS.get(method, "base model") + (f",\n{float(rate):.0%} flips" if rate else ""), fontsize=8)
             ax.axis("off")
         fig.tight_layout()
         paths.append(os.path.join(out_dir, "samples.png"))
