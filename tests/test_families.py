@@ -169,3 +169,36 @@ def test_pipeline_round_trip_with_and_without_gathered_weights(case, tmp_path):
     family.load_denoiser_into(target, str(tmp_path / "gathered"))
     for name, value in gathered.items():
         torch.testing.assert_close(target.state_dict()[name], value)
+
+
+def test_latent_cache_replays_what_the_family_computes_from_pixels(case, tmp_path):
+    """`cache_images`/`cache_text` store what `latents`/`conditioning_from_cache` need to reproduce the pixel path."""
+    from trl_adaptive.caching import CachedPreferenceCollator, open_or_build_cache
+
+    build, _, _ = case
+    family = family_for(build())
+    dataset, _ = prepare_preference_dataset(toy_preference_dataset(num_pairs=3, size=40, seed=0))
+    cache = open_or_build_cache(family, dataset, str(tmp_path), model_name="tiny", resolution=RESOLUTION, random_flip=False)
+    pixel_batch = PreferenceCollator(detect_schema(dataset.column_names), RESOLUTION)([dataset[i] for i in range(3)])
+    cached_batch = CachedPreferenceCollator(cache.empty_prompt_text())([cache[i] for i in range(3)])
+    from_pixels = torch.utils._pytree.tree_leaves(family.condition(pixel_batch))
+    from_cache = torch.utils._pytree.tree_leaves(family.condition(cached_batch))
+    assert len(from_pixels) == len(from_cache) > 0
+    for expected, got in zip(from_pixels, from_cache):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    generators = lambda: [torch.Generator().manual_seed(seed) for seed in (1, 2, 3)]  # noqa: E731
+    for key in ("chosen", "rejected"):
+        torch.testing.assert_close(
+            family.latents(cached_batch, key, generator=generators()),
+            family.latents(pixel_batch, key, generator=generators()),
+            rtol=1e-5, atol=1e-5,
+        )
+
+
+def test_pair_latents_encode_both_sides_at_once_with_the_same_draws(case, batch):
+    build, _, _ = case
+    family = family_for(build())
+    generators = lambda: [torch.Generator().manual_seed(seed) for seed in range(4)]  # noqa: E731
+    shared = generators()  # one generator per pair, drawn for the winner first, then the loser
+    separate = torch.cat([family.latents(batch, "chosen", generator=shared), family.latents(batch, "rejected", generator=shared)])
+    torch.testing.assert_close(family.pair_latents(batch, generator=generators()), separate, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ from .filtering import MINORITY_EVIDENCE, MINORITY_FILTERS
 from .losses import MARGIN_POWERS, PREFERENCE_LOSSES, WEIGHT_FUNCTIONS
 
 METRIC_NORMALIZATIONS = ("none", "rms")
+LATENT_SAMPLING = ("sample", "mean")
 
 
 @dataclass
@@ -177,6 +178,33 @@ class AdaptiveDPOConfig(TrainingArguments):
         default=0.0,
         metadata={"help": "Share of prompts replaced by '' during training (the original recipe used 0.2)."},
     )
+    latent_sampling: str = field(
+        default="sample",
+        metadata={
+            "help": "How images become latents: `sample` draws from the VAE posterior (mean + std * noise) at every "
+            "step, as the diffusers scripts do; `mean` uses the posterior mean (deterministic; a latent cache then "
+            "stores half as much)."
+        },
+    )
+    # ---- Speed -------------------------------------------------------------------------------------------
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the latent cache. When set, VAE latents (posterior mean and std; both flips with "
+            "random_flip) and text embeddings are computed once, stored under a sub-folder named by a hash of the "
+            "model weights and configs, transform settings and dataset fingerprint, reused by later runs with the "
+            "same hash, and training reads them instead of running the VAE and text encoder. Not compatible with "
+            "random_crop. See docs/caching.md."
+        },
+    )
+    batch_frozen_forwards: bool = field(
+        default=True,
+        metadata={
+            "help": "With LoRA and EMA annotators, run the reference and all annotators as one batched UNet call "
+            "(peft mixed-adapter batches: the base weights are read once, each annotator's LoRA update goes to its "
+            "own rows). False runs them one after another. Ignored without LoRA and under DeepSpeed."
+        },
+    )
     # ---- Overrides of TrainingArguments defaults ---------------------------------------------------------
     learning_rate: float = field(
         default=1e-5, metadata={"help": "AdamW learning rate. Default 1e-5 (diffusers LoRA recipe, Adaptive-DPO README)."}
@@ -212,6 +240,12 @@ class AdaptiveDPOConfig(TrainingArguments):
         if self.minority_filter_min_separation < 0:
             raise ValueError(
                 f"AdaptiveDPOConfig.minority_filter_min_separation must be >= 0, got {self.minority_filter_min_separation}"
+            )
+        check_choice("latent_sampling", LATENT_SAMPLING)
+        if self.cache_dir is not None and self.random_crop:
+            raise ValueError(
+                "AdaptiveDPOConfig.random_crop=True cannot be used with cache_dir: cached latents are computed once from "
+                "a centre crop. Set random_crop=False (random_flip is supported) or cache_dir=None."
             )
         if not self.beta > 0:
             raise ValueError(f"AdaptiveDPOConfig.beta must be > 0, got {self.beta}")

@@ -20,12 +20,14 @@ from torch.utils._pytree import tree_map
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
+from .caching import use_latent_cache
 from .config import AdaptiveDPOConfig
 from .data import PreferenceCollator, detect_schema, prepare_preference_dataset
 from .distributed import make_annotators, prepare_reference_model
 from .families import family_for, load_pipeline, replace_vae
 from .filtering import logit_evidence, minority_keep_mask, wrong_sign_evidence
 from .history import PairHistory
+from .lora_batching import LoraFrozenForwards, supports_mixed_adapter_batches
 from .losses import (
     adaptive_margin,
     denoising_error,
@@ -52,7 +54,7 @@ class AnnotatorUpdateCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.annotators is not None:
-            self.trainer.bound_annotators().update(self.trainer.accelerator.unwrap_model(self.trainer.model))
+            self.trainer.bound_annotators().update(self.trainer.unwrapped(self.trainer.model))
 
 
 class CollatorEpochCallback(TrainerCallback):
@@ -114,6 +116,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         if args.vae_name_or_path:
             replace_vae(model, args.vae_name_or_path)
         self.family = family_for(model)
+        self.family.sample_latents = args.latent_sampling == "sample"
         self.peft_config = peft_config
         self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         denoiser = self._prepare_denoiser(args, peft_config)
@@ -173,6 +176,13 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             self.ref_model = prepare_reference_model(self.ref_model, self.accelerator, policy_dtype)
         if args.adaptive and len(args.annotator_decays) > 0:
             self.annotators = make_annotators(denoiser, args.annotator_decays, self.accelerator).to(device)
+        self.lora_forwards = None  # LoRA reference (and batched annotators) without walking the module tree
+        if peft_config is not None and supports_mixed_adapter_batches(peft_config) and not self.is_deepspeed_enabled:
+            self.lora_forwards = LoraFrozenForwards(
+                denoiser, peft_config, self.annotators, batch_annotators=args.batch_frozen_forwards
+            )
+        if args.cache_dir is not None:
+            use_latent_cache(self)  # encodes the datasets once (or finds their cache) and swaps in the cached collator
 
     # ---- set-up ----------------------------------------------------------------------------------------
     def _prepare_denoiser(self, args, peft_config) -> torch.nn.Module:
@@ -201,6 +211,14 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         return reference.requires_grad_(False).eval()
 
     # ---- the paired forward ----------------------------------------------------------------------------
+    def unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`accelerator.unwrap_model(model)`, memoised: accelerate walks every module (a torch.compile check) on each
+        call, milliseconds per step on a UNet."""
+        cached = getattr(self, "_unwrap_cache", None)
+        if cached is None or cached[0] is not model:
+            cached = self._unwrap_cache = (model, self.accelerator.unwrap_model(model))
+        return cached[1]
+
     @contextmanager
     def _adapters_disabled(self, denoiser):
         denoiser.disable_adapters()
@@ -227,15 +245,26 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         self.annotators.bind(self.model_wrapped)
         return self.annotators
 
-    def _annotator_logits(self, denoiser, noisy, timesteps, conditioning, target, reference_errors):
-        """Diffusion-DPO logits of the same pairs under each EMA annotator (no gradient)."""
-        logits = []
-        annotators = self.bound_annotators()
-        for k in range(len(annotators)):
-            as_annotator = lambda *a, _k=k, **kw: annotators(_k, denoiser, *a, **kw)  # noqa: E731
-            errors = denoising_error(self.family.predict(as_annotator, noisy, timesteps, conditioning), target)
-            logits.append(dpo_logits(*errors.chunk(2), *reference_errors.chunk(2)))
-        return logits
+    @torch.no_grad()
+    def _frozen_predictions(self, denoiser, noisy, timesteps, conditioning, with_annotators: bool):
+        """Reference prediction and one per EMA annotator (if `with_annotators`), without gradient, under the
+        training's autocast. With LoRA they run as one batched call (`trl_adaptive.lora_batching`)."""
+        lora = self.lora_forwards
+        with self.accelerator.autocast():
+            if lora is not None and lora.batches_annotators and with_annotators:
+                reference, *annotators = lora.reference_and_annotators(self.family, denoiser, noisy, timesteps, conditioning)
+                return reference, annotators
+            if lora is not None:
+                reference = lora.reference(self.family, denoiser, noisy, timesteps, conditioning)
+            else:
+                reference = self._reference_prediction(denoiser, noisy, timesteps, conditioning)
+            if not with_annotators:
+                return reference, []
+            annotators, predictions = self.bound_annotators(), []
+            for k in range(len(annotators)):
+                as_annotator = lambda *a, _k=k, **kw: annotators(_k, denoiser, *a, **kw)  # noqa: E731
+                predictions.append(self.family.predict(as_annotator, noisy, timesteps, conditioning))
+            return reference, predictions
 
     def pair_forward(self, model, inputs, draw: int = 0) -> dict[str, torch.Tensor]:
         """Policy, reference and annotator denoising errors of each pair on shared noise and timestep.
@@ -249,9 +278,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         family = self.family
         step, purpose = (self.state.global_step, TRAIN) if model.training else (0, EVAL)
         generators = pair_generators(self.args.seed, step, inputs["row_index"], self.args.device, purpose, draw)
-        chosen = family.latents(inputs, "chosen", generator=generators)
-        rejected = family.latents(inputs, "rejected", generator=generators)
-        latents = torch.cat([chosen, rejected])
+        latents = family.pair_latents(inputs, generator=generators)  # one VAE call for both images of every pair
+        chosen = latents[: latents.shape[0] // 2]
         noise, timesteps = pair_noise_and_timesteps(family, generators, chosen.shape, chosen.device, chosen.dtype)
         noise, timesteps = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
         noisy = family.add_noise(latents, noise, timesteps)
@@ -260,12 +288,17 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         noisy = noisy.to(self.weight_dtype)
         conditioning = _to_dtype(family.condition(inputs), self.weight_dtype)
 
-        denoiser = self.accelerator.unwrap_model(model)
+        denoiser = self.unwrapped(model)
+        # The no-gradient forwards run first, so their activations never coexist with the policy's saved ones.
+        reference, annotators = self._frozen_predictions(
+            denoiser, noisy, timesteps, conditioning, with_annotators=self._annotators_due(model.training)
+        )
+        reference_errors = denoising_error(reference, target)
         policy_errors = denoising_error(family.predict(model, noisy, timesteps, conditioning), target)
-        reference_errors = denoising_error(self._reference_prediction(denoiser, noisy, timesteps, conditioning), target)
         logits = [dpo_logits(*policy_errors.chunk(2), *reference_errors.chunk(2))]
-        if self._annotators_due(model.training):
-            logits += self._annotator_logits(denoiser, noisy, timesteps, conditioning, target, reference_errors)
+        for prediction in annotators:
+            errors = denoising_error(prediction, target)
+            logits.append(dpo_logits(*errors.chunk(2), *reference_errors.chunk(2)))
         return {"policy_errors": policy_errors, "reference_errors": reference_errors, "logits": logits}
 
     def _metric_active(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from huggingface_hub import load_torch_model, save_torch_state_dict
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -33,6 +34,9 @@ class DiffusionFamily(ABC):
     pipeline_classes: tuple[type, ...] = ()
     #: Default LoRA target modules of the denoiser (diffusers' attention projections).
     default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    #: Draw latents from the VAE posterior (the diffusers scripts) or use its mean; set from
+    #: `AdaptiveDPOConfig.latent_sampling` by the trainer.
+    sample_latents: bool = True
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
@@ -66,6 +70,38 @@ class DiffusionFamily(ABC):
         `generator` (one `torch.Generator`, or a list with one per image) drives the VAE posterior sample.
         """
 
+    @torch.no_grad()
+    def image_latent_distribution(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean and standard deviation of the VAE posterior of images in [-1, 1], shape (N, 3, H, W), shifted and
+        scaled into the denoiser's input space (a latent is ``mean + std * noise``). Pixel-space pipelines (``vae``
+        None) return the pixels and ``None``."""
+        vae = getattr(self.pipeline, "vae", None)
+        if vae is None:
+            return pixel_values, None
+        posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        scale = vae.config.scaling_factor
+        return (posterior.mean - shift) * scale, posterior.std * scale
+
+    def draw_latents(self, mean: torch.Tensor, std: torch.Tensor | None, generator=None) -> torch.Tensor:
+        """A latent from a posterior given by `mean` and `std` (`std` None, or `sample_latents` False: the mean)."""
+        if std is None or not self.sample_latents:
+            return mean
+        return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+    # ---- what a latent cache stores (see trl_adaptive.caching) ----------------------------------------
+    def cache_images(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image tensors a latent cache keeps so that `latents` can replay `encode_images` without the VAE:
+        the posterior ``mean``, plus its ``std`` when latents are sampled."""
+        mean, std = self.image_latent_distribution(pixel_values)
+        return {"mean": mean} if std is None or not self.sample_latents else {"mean": mean, "std": std}
+
+    def cache_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Per-prompt tensors a latent cache keeps, read back by `conditioning_from_cache` (one row per prompt).
+        Must contain ``prompt_embeds``, whose presence marks a cached batch; families with more text conditioning
+        (SDXL's ``pooled_prompt_embeds``) override both methods."""
+        return {"prompt_embeds": self.encode_prompts(prompts)["encoder_hidden_states"]}
+
     def extra_conditioning(self, batch: dict[str, Any], conditioning: dict[str, Any]) -> dict[str, Any]:
         """Hook for conditioning that depends on the images, not the prompt (SDXL's size/crop time ids).
 
@@ -89,10 +125,19 @@ class DiffusionFamily(ABC):
 
     def latents(self, batch: dict[str, Any], key: str, generator=None) -> torch.Tensor:
         """Latents of `chosen` or `rejected` images: cached ones when the batch has them, else encoded pixels
-        (`generator`: see `encode_images`)."""
+        (`generator`: see `encode_images`). A latent cache gives ``latents_{key}`` as the posterior mean with
+        ``latents_{key}_std`` beside it: the draw is made here, with the same generator the pixels would use."""
         if f"latents_{key}" in batch:
-            return batch[f"latents_{key}"]
+            return self.draw_latents(batch[f"latents_{key}"], batch.get(f"latents_{key}_std"), generator)
         return self.encode_images(batch[f"pixel_values_{key}"], generator=generator)
+
+    def pair_latents(self, batch: dict[str, Any], generator=None) -> torch.Tensor:
+        """Latents of the 2B images of a batch, winners first, then losers: `latents` of both sides, with the pixels
+        of both encoded in one VAE call (the same draws from `generator` as two calls: chosen rows, then rejected)."""
+        if "pixel_values_chosen" not in batch or "latents_chosen" in batch:
+            return torch.cat([self.latents(batch, "chosen", generator), self.latents(batch, "rejected", generator)])
+        pixels = torch.cat([batch["pixel_values_chosen"], batch["pixel_values_rejected"]])
+        return self.encode_images(pixels, generator=generator + generator if isinstance(generator, list) else generator)
 
     # ---- forward process -------------------------------------------------------------------------------
     def sample_timesteps(self, batch_size: int, device: torch.device, generator=None) -> torch.Tensor:

@@ -52,6 +52,13 @@ class StableDiffusionXLFamily(DiffusionFamily):
         )
         return {"encoder_hidden_states": prompt_embeds, "added_cond_kwargs": {"text_embeds": pooled}}
 
+    def cache_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        conditioning = self.encode_prompts(prompts)
+        return {
+            "prompt_embeds": conditioning["encoder_hidden_states"],
+            "pooled_prompt_embeds": conditioning["added_cond_kwargs"]["text_embeds"],
+        }
+
     def conditioning_from_cache(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {
             "encoder_hidden_states": batch["prompt_embeds"],
@@ -60,9 +67,8 @@ class StableDiffusionXLFamily(DiffusionFamily):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator=None) -> torch.Tensor:
-        vae = self.pipeline.vae
-        posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
-        return posterior.sample(generator=generator) * vae.config.scaling_factor
+        # The VAE runs in its own dtype (float32 when force_upcast, see place_frozen_modules).
+        return self.draw_latents(*self.image_latent_distribution(pixel_values), generator=generator)
 
     def extra_conditioning(self, batch: dict[str, Any], conditioning: dict[str, Any]) -> dict[str, Any]:
         """Adds each image's time ids to the pair conditioning (winners' rows first, then losers')."""

@@ -38,8 +38,4 @@ class StableDiffusionFamily(DiffusionFamily):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator=None) -> torch.Tensor:
-        vae = self.pipeline.vae
-        if vae is None:
-            return pixel_values
-        latents = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
-        return latents * vae.config.scaling_factor
+        return self.draw_latents(*self.image_latent_distribution(pixel_values), generator=generator)

@@ -1,0 +1,52 @@
+"""Smoke test of benchmarks/step_time.py: every case runs on the tiny architecture, FLOPs add up, the report prints."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_CONFIGS = os.path.join(os.path.dirname(ROOT), "shared", "model-configs")
+
+
+@pytest.fixture(scope="module")
+def step_time():
+    spec = importlib.util.spec_from_file_location("step_time", os.path.join(ROOT, "benchmarks", "step_time.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["step_time"] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_benchmark_runs_every_case(step_time, capsys):
+    results = step_time.main(
+        ["--batch", "2", "--steps", "2", "--warmup", "1", "--interval", "2", "--rounds", "1", "--rank", "4",
+         "--cases", "a,b,b+cache,c+cache,c/seq,d+cache"]
+    )
+    assert set(results) == {"a", "b", "b+cache", "c+cache", "c/seq", "d+cache"}
+    for r in results.values():
+        assert r["num_timed_steps"] == 2 and r["seconds_used"] > 0 and r["flops_per_step"] > 0
+    flops = {name: r["flops_per_step"] for name, r in results.items()}
+    # Same work, same FLOPs: the reference loop and our uncached plain DPO; batched or sequential annotators.
+    assert flops["a"] == pytest.approx(flops["b"], rel=1e-6)
+    assert flops["c/seq"] == pytest.approx(flops["c+cache"], rel=1e-6)
+    # Caching removes the VAE and text encoder; two annotators add 4 image-forwards to LoRA's 6 (plus the small
+    # LoRA weight-gradient FLOPs of the policy): anything recomputed twice would push the ratio well above 5/3.
+    assert flops["b+cache"] < flops["b"]
+    assert 1.6 < flops["c+cache"] / flops["b+cache"] < 1.72
+    # Interval 2: one refresh step and one cheap step.
+    assert flops["d+cache"] == pytest.approx((flops["c+cache"] + flops["b+cache"]) / 2, rel=0.02)
+    assert results["c+cache"]["annotator_state_bytes"] == 2 * results["c+cache"]["trainable_param_bytes"]
+    out = capsys.readouterr().out
+    assert "| case | what |" in out and "(c+cache)/(b+cache)" in out and "reference loop (a)" in out
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(MODEL_CONFIGS, "sd15")), reason="needs ../shared/model-configs")
+def test_flop_arithmetic_of_real_architectures(step_time):
+    sd15 = step_time.meta_flops(os.path.join(MODEL_CONFIGS, "sd15"), None)
+    assert sd15["resolution"] == 512
+    assert sd15["unet_forward"] / 1e12 == pytest.approx(0.80, rel=0.02)  # the issue's figure for SD 1.5 at 512 px
+    sdxl = step_time.meta_flops(os.path.join(MODEL_CONFIGS, "sdxl"), None)
+    assert sdxl["resolution"] == 1024
+    assert sdxl["unet_forward"] / 1e12 == pytest.approx(6.76, rel=0.02)
