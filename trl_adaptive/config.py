@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .filtering import MINORITY_EVIDENCE, MINORITY_FILTERS
 from .losses import MARGIN_POWERS, PREFERENCE_LOSSES, WEIGHT_FUNCTIONS
 
 METRIC_NORMALIZATIONS = ("none", "rms")
@@ -115,6 +116,51 @@ class AdaptiveDPOConfig(TrainingArguments):
             "sets `force_upcast` (SDXL's) runs in float32 with SDXL, others in the training dtype."
         },
     )
+    # ---- Minority filter (this library's variant, not in the Adaptive-DPO paper; see docs/method.md) -----------
+    minority_filter: str = field(
+        default="none",
+        metadata={
+            "help": "Drop (weight 0) the pairs whose evidence, averaged over their visits, says minority: `none` (off, "
+            "the paper's method), `top_fraction` (the minority_filter_fraction of pairs with the highest mean "
+            "evidence), `mixture` (pairs in the upper component of a two-Gaussian mixture fitted to the mean "
+            "evidence; the flip rate need not be known). Works with adaptive True or False."
+        },
+    )
+    minority_evidence: str = field(
+        default="logit",
+        metadata={
+            "help": "Per-visit evidence the filter averages: `logit` (-l divided by the global batch's RMS of l), "
+            "`wrong_sign` (1 when l < 0: the share of visits on which the model ranked the pair against its label); "
+            "neither needs annotators; or `score` (the Adaptive-DPO metric u; needs adaptive=True)."
+        },
+    )
+    minority_evidence_draws: int = field(
+        default=0,
+        metadata={
+            "help": "Extra noise/timestep draws per visit for `logit`/`wrong_sign` evidence (no gradient; each costs a "
+            "policy and a reference forward of the batch, as one EMA annotator does). 0: the training draw only."
+        },
+    )
+    minority_filter_fraction: float = field(
+        default=0.2, metadata={"help": "Share of pairs `top_fraction` drops, in [0, 1) (the assumed flip rate)."}
+    )
+    minority_filter_max_fraction: float = field(
+        default=0.5, metadata={"help": "`mixture` never drops more than this share of the judged pairs, in (0, 1]."}
+    )
+    minority_filter_min_separation: float = field(
+        default=2.0,
+        metadata={
+            "help": "`mixture` drops nothing unless its two components are at least this far apart (Ashman's D = "
+            "|mu1 - mu0| / sqrt((var0 + var1) / 2); 2 is the usual bimodality bound). Protects clean data."
+        },
+    )
+    minority_filter_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps of evidence gathering before any pair is dropped (evidence is recorded from step 0)."},
+    )
+    minority_filter_min_visits: int = field(
+        default=1, metadata={"help": "A pair is judged (and can be dropped) only after this many recorded visits."}
+    )
     # ---- Data --------------------------------------------------------------------------------------------
     resolution: int = field(
         default=512, metadata={"help": "Training resolution: images are resized (shorter side) and cropped to it."}
@@ -179,6 +225,22 @@ class AdaptiveDPOConfig(TrainingArguments):
         check_choice("weight_fn", WEIGHT_FUNCTIONS)
         check_choice("margin", MARGIN_POWERS)
         check_choice("metric_normalize", METRIC_NORMALIZATIONS)
+        check_choice("minority_filter", MINORITY_FILTERS)
+        check_choice("minority_evidence", MINORITY_EVIDENCE)
+        if self.minority_filter != "none" and self.minority_evidence == "score" and not self.adaptive:
+            raise ValueError("AdaptiveDPOConfig.minority_evidence='score' needs adaptive=True (u comes from the annotators)")
+        if not 0.0 <= self.minority_filter_fraction < 1.0:
+            raise ValueError(
+                f"AdaptiveDPOConfig.minority_filter_fraction must be in [0, 1), got {self.minority_filter_fraction}"
+            )
+        if not 0.0 < self.minority_filter_max_fraction <= 1.0:
+            raise ValueError(
+                f"AdaptiveDPOConfig.minority_filter_max_fraction must be in (0, 1], got {self.minority_filter_max_fraction}"
+            )
+        if self.minority_filter_min_separation < 0:
+            raise ValueError(
+                f"AdaptiveDPOConfig.minority_filter_min_separation must be >= 0, got {self.minority_filter_min_separation}"
+            )
         check_choice("latent_sampling", LATENT_SAMPLING)
         if self.cache_dir is not None and self.random_crop:
             raise ValueError(
@@ -201,7 +263,8 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError(f"AdaptiveDPOConfig.annotator_interval must be >= 1, got {self.annotator_interval}")
         if self.metric_rho <= 0:
             raise ValueError(f"AdaptiveDPOConfig.metric_rho must be > 0, got {self.metric_rho}")
-        for name in ("metric_warmup_steps",):
+        for name in ("metric_warmup_steps", "minority_filter_warmup_steps", "minority_filter_min_visits",
+                     "minority_evidence_draws"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AdaptiveDPOConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.weight_intercept <= 0 and self.weight_fn in ("linear", "quadratic"):

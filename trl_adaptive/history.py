@@ -17,7 +17,8 @@ HISTORY_FILE = "pair_history.safetensors"
 
 
 class PairHistory:
-    def __init__(self, num_rows: int):
+    def __init__(self, num_rows: int, filename: str = HISTORY_FILE):
+        self.filename = filename
         self.total = torch.zeros(num_rows, dtype=torch.float64)
         self.visits = torch.zeros(num_rows, dtype=torch.long)
 
@@ -32,11 +33,19 @@ class PairHistory:
         visits = self.visits[rows]
         return (self.total[rows] / visits.clamp_min(1)).float().to(rows.device)
 
+    def visit_counts(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.visits[rows.detach().long().cpu()].to(rows.device)
+
+    def means_with_visits(self, min_visits: int = 1) -> torch.Tensor:
+        """Mean recorded score of every row with at least `min_visits` visits (float64, CPU)."""
+        seen = self.visits >= max(min_visits, 1)
+        return self.total[seen] / self.visits[seen]
+
     def save(self, folder: str) -> None:
-        save_file({"total": self.total, "visits": self.visits}, os.path.join(folder, HISTORY_FILE))
+        save_file({"total": self.total, "visits": self.visits}, os.path.join(folder, self.filename))
 
     def load(self, folder: str) -> None:
-        path = os.path.join(folder, HISTORY_FILE)
+        path = os.path.join(folder, self.filename)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the checkpoint has no per-pair minority history")
         tensors = load_file(path)

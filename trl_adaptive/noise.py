@@ -29,11 +29,14 @@ TRAIN, EVAL = 0, 1
 _UINT64 = 2**64
 
 
-def pair_generators(seed: int, step: int, row_index: torch.Tensor, device, purpose: int = TRAIN) -> list[torch.Generator]:
-    """One generator per pair, seeded from (seed, purpose, step, row_index)."""
+def pair_generators(
+    seed: int, step: int, row_index: torch.Tensor, device, purpose: int = TRAIN, draw: int = 0
+) -> list[torch.Generator]:
+    """One generator per pair, seeded from (seed, purpose, step, row_index) and, for extra draws of the same pairs
+    at the same step (the minority filter's `minority_evidence_draws`), the draw number."""
     generators = []
     for row in row_index.reshape(-1).tolist():
-        key = [int(v) % _UINT64 for v in (seed, purpose, step, row)]
+        key = [int(v) % _UINT64 for v in (seed, purpose, step, row) + ((draw,) if draw else ())]
         state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
         generators.append(torch.Generator(device=device).manual_seed(int(state)))
     return generators

@@ -25,6 +25,7 @@ from .config import AdaptiveDPOConfig
 from .data import PreferenceCollator, detect_schema, prepare_preference_dataset
 from .distributed import make_annotators, prepare_reference_model
 from .families import family_for, load_pipeline, replace_vae
+from .filtering import logit_evidence, minority_keep_mask, wrong_sign_evidence
 from .history import PairHistory
 from .lora_batching import LoraFrozenForwards, supports_mixed_adapter_batches
 from .losses import (
@@ -148,6 +149,14 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         self.pair_history = None
         if args.adaptive and train_dataset is not None:
             self.pair_history = PairHistory(max(train_dataset["row_index"]) + 1)
+        # The minority filter's per-pair evidence: the pair history itself for `score`, its own record otherwise.
+        self.evidence_history = None
+        if args.minority_filter != "none" and train_dataset is not None:
+            if args.minority_evidence == "score":
+                self.evidence_history = self.pair_history
+            else:
+                num_rows = max(train_dataset["row_index"]) + 1
+                self.evidence_history = PairHistory(num_rows, filename="pair_logit_evidence.safetensors")
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(
             model=denoiser,
@@ -257,7 +266,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 predictions.append(self.family.predict(as_annotator, noisy, timesteps, conditioning))
             return reference, predictions
 
-    def pair_forward(self, model, inputs) -> dict[str, torch.Tensor]:
+    def pair_forward(self, model, inputs, draw: int = 0) -> dict[str, torch.Tensor]:
         """Policy, reference and annotator denoising errors of each pair on shared noise and timestep.
 
         Each pair's randomness (VAE posterior samples, noise, timestep) comes from its own generator keyed by
@@ -268,7 +277,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         """
         family = self.family
         step, purpose = (self.state.global_step, TRAIN) if model.training else (0, EVAL)
-        generators = pair_generators(self.args.seed, step, inputs["row_index"], self.args.device, purpose)
+        generators = pair_generators(self.args.seed, step, inputs["row_index"], self.args.device, purpose, draw)
         latents = family.pair_latents(inputs, generator=generators)  # one VAE call for both images of every pair
         chosen = latents[: latents.shape[0] // 2]
         noise, timesteps = pair_noise_and_timesteps(family, generators, chosen.shape, chosen.device, chosen.dtype)
@@ -341,10 +350,57 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             annotator_logits = torch.stack([x.detach() for x in out["logits"]])
             u = self.minority_scores(annotator_logits, inputs, training=mode == "train")
             weights, margins = self.adaptive_terms(u, logits)
+        keep = self.minority_filter_mask(logits, inputs) if mode == "train" else None
+        if keep is not None:
+            weights = keep if weights is None else weights * keep
         losses = preference_loss(logits, self.args.beta, self.args.loss_type, self.args.label_smoothing, weights, margins)
         self._record_metrics(mode, out, u, weights, margins, inputs)
+        if keep is not None:
+            self._record_filter_metrics(keep, inputs)
         loss = losses.mean()
         return (loss, out) if return_outputs else loss
+
+    def minority_filter_mask(self, logits: torch.Tensor, inputs) -> torch.Tensor | None:
+        """The minority filter (docs/minority_filter.md): record this visit's evidence, then 0 for pairs judged minority."""
+        args = self.args
+        if self.evidence_history is None:
+            return None
+        rows = inputs["row_index"]
+        if args.minority_evidence != "score":  # `score` is recorded by minority_scores into the same history
+            draws = [logits.detach()]
+            if args.minority_evidence_draws:  # extra noise/timestep draws of the same pairs: a less noisy vote
+                with torch.no_grad():
+                    extra = range(1, args.minority_evidence_draws + 1)
+                    draws += [self.pair_forward(self.model, inputs, draw=d)["logits"][0] for d in extra]
+            for draw in draws:
+                if args.minority_evidence == "logit":
+                    evidence = logit_evidence(draw, self._global_mean(draw.pow(2)).sqrt())
+                else:
+                    evidence = wrong_sign_evidence(draw)
+                self.evidence_history.record(self._gather(rows), self._gather(evidence))
+        if self.state.global_step < args.minority_filter_warmup_steps:
+            return None
+        keep = minority_keep_mask(
+            self.evidence_history.mean(rows),
+            self.evidence_history.visit_counts(rows),
+            self.evidence_history.means_with_visits(args.minority_filter_min_visits).float(),
+            args.minority_filter,
+            fraction=args.minority_filter_fraction,
+            min_visits=args.minority_filter_min_visits,
+            max_fraction=args.minority_filter_max_fraction,
+            min_separation=args.minority_filter_min_separation,
+        )
+        return keep.to(logits.device)
+
+    def _record_filter_metrics(self, keep: torch.Tensor, inputs) -> None:
+        keep = self._gather(keep)
+        self._metrics["train"]["minority/kept_fraction"].append(keep.mean().item())
+        if "flipped" in inputs:
+            flipped = self._gather(inputs["flipped"].float()).bool()
+            if flipped.any():
+                self._metrics["train"]["minority/flipped_dropped"].append((1 - keep[flipped]).mean().item())
+            if (~flipped).any():
+                self._metrics["train"]["minority/clean_dropped"].append((1 - keep[~flipped]).mean().item())
 
     # ---- metrics ---------------------------------------------------------------------------------------
     def _record_metrics(self, mode, out, u, weights, margins, inputs) -> None:
@@ -443,8 +499,11 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.annotators is not None:
             self.bound_annotators().save(output_dir, write=self.args.should_save)
-        if self.pair_history is not None and self.args.should_save:
-            self.pair_history.save(output_dir)
+        if self.args.should_save:
+            if self.pair_history is not None:
+                self.pair_history.save(output_dir)
+            if self.evidence_history is not None and self.evidence_history is not self.pair_history:
+                self.evidence_history.save(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -453,6 +512,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 self.bound_annotators().load(checkpoint)
             if self.pair_history is not None:
                 self.pair_history.load(checkpoint)
+            if self.evidence_history is not None and self.evidence_history is not self.pair_history:
+                self.evidence_history.load(checkpoint)
 
     # ---- model card ------------------------------------------------------------------------------------
     def _write_model_card(self, folder: str) -> None:

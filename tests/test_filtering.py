@@ -1,0 +1,79 @@
+"""The minority filter's pure functions against values computed by hand."""
+
+import pytest
+import torch
+
+from trl_adaptive.filtering import (
+    logit_evidence,
+    minority_keep_mask,
+    mixture_minority_posterior,
+    mixture_separation,
+    top_fraction_threshold,
+    two_gaussian_mixture,
+)
+
+
+def test_logit_evidence_is_negated_logit_over_rms():
+    logits = torch.tensor([1.0, -2.0, 0.0], requires_grad=True)
+    evidence = logit_evidence(logits, torch.tensor(2.0))
+    assert torch.allclose(evidence, torch.tensor([-0.5, 1.0, 0.0]))
+    assert not evidence.requires_grad
+
+
+def test_top_fraction_threshold():
+    values = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    # 75% quantile with linear interpolation: position 0.75 * 4 = 3 -> value 3, so only 4.0 lies above it.
+    assert top_fraction_threshold(values, 0.25) == pytest.approx(3.0)
+    # 60% quantile: position 2.4 -> 2 + 0.4 * (3 - 2) = 2.4
+    assert top_fraction_threshold(values, 0.4) == pytest.approx(2.4)
+    assert top_fraction_threshold(values, 0.0) == float("inf")
+
+
+def test_keep_mask_top_fraction_and_min_visits():
+    all_means = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    batch_means = torch.tensor([4.0, 3.0, 0.5, 4.0])
+    visits = torch.tensor([3, 3, 3, 1])
+    keep = minority_keep_mask(batch_means, visits, all_means, "top_fraction", fraction=0.25, min_visits=2)
+    # 4.0 > 3.0 is dropped; 3.0 is not above the threshold; the last pair has too few visits to be judged.
+    assert keep.tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert minority_keep_mask(batch_means, visits, all_means, "none").tolist() == [1.0] * 4
+
+
+def _two_clusters():
+    low = [-0.1, -0.05, 0.0, 0.05, 0.1]  # mean 0, variance (0.01 + 0.0025 + 0 + 0.0025 + 0.01) / 5 = 0.005
+    high = [4.9, 5.0, 5.1]  # mean 5, variance 0.02 / 3
+    return torch.tensor(low + high)
+
+
+def test_two_gaussian_mixture_recovers_separated_clusters():
+    mixture = two_gaussian_mixture(_two_clusters())
+    assert torch.allclose(mixture["means"], torch.tensor([0.0, 5.0], dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(mixture["variances"], torch.tensor([0.005, 0.02 / 3], dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(mixture["weights"], torch.tensor([5 / 8, 3 / 8], dtype=torch.float64), atol=1e-6)
+    # Ashman's D = 5 / sqrt((0.005 + 0.00667) / 2) = 65.47
+    assert mixture_separation(mixture) == pytest.approx(5 / ((0.005 + 0.02 / 3) / 2) ** 0.5, rel=1e-4)
+    posterior = mixture_minority_posterior(torch.tensor([0.0, 5.0]), mixture)
+    assert posterior[0] < 1e-6 and posterior[1] > 1 - 1e-6
+
+
+def test_mixture_mask_drops_upper_cluster_only():
+    values = _two_clusters()
+    keep = minority_keep_mask(values, torch.full((8,), 5), values, "mixture", min_visits=1, max_fraction=0.5)
+    assert keep.tolist() == [1.0] * 5 + [0.0] * 3
+    # The cap: with max_fraction 0.25 only values above the 75% quantile go: sorted position 0.75 * 7 = 5.25,
+    # i.e. 4.9 + 0.25 * (5.0 - 4.9) = 4.925, so 5.0 and 5.1 are dropped and 4.9 is kept.
+    keep = minority_keep_mask(values, torch.full((8,), 5), values, "mixture", max_fraction=0.25)
+    assert keep.tolist() == [1.0] * 6 + [0.0] * 2
+
+
+def test_mixture_keeps_everything_on_a_unimodal_sample():
+    normal = torch.special.ndtri(torch.linspace(0.005, 0.995, 199))  # Gaussian quantiles: one mode, no minority
+    assert mixture_separation(two_gaussian_mixture(normal)) < 2.0
+    keep = minority_keep_mask(normal, torch.full((199,), 5), normal, "mixture")
+    assert keep.min().item() == 1.0
+
+
+def test_wrong_sign_evidence_votes_when_logit_negative():
+    from trl_adaptive.filtering import wrong_sign_evidence
+
+    assert wrong_sign_evidence(torch.tensor([0.3, -1e-6, 0.0, -2.0])).tolist() == [0.0, 1.0, 0.0, 1.0]

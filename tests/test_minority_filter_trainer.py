@@ -1,0 +1,27 @@
+"""The minority filter through the trainer: evidence recorded per visit and draw, pairs dropped, state checkpointed."""
+
+import os
+
+import torch
+
+from trl_adaptive import AdaptiveDiffusionDPOTrainer, AdaptiveDPOConfig
+from trl_adaptive.tiny import tiny_sd_pipeline, toy_preference_dataset
+
+
+def test_filter_records_evidence_and_drops_pairs(tmp_path):
+    torch.set_flush_denormal(True)
+    args = AdaptiveDPOConfig(
+        output_dir=str(tmp_path), adaptive=False, max_steps=3, per_device_train_batch_size=4, resolution=32,
+        learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=3, logging_steps=1, use_cpu=True,
+        minority_filter="top_fraction", minority_evidence="wrong_sign", minority_evidence_draws=1,
+        minority_filter_fraction=0.5, minority_filter_warmup_steps=1, minority_filter_min_visits=1,
+    )
+    trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(8))
+    trainer.train()
+    history = trainer.evidence_history
+    # 3 steps x 4 pairs x (training draw + 1 extra draw) votes, each 0 or 1.
+    assert int(history.visits.sum()) == 3 * 4 * 2
+    assert ((history.total >= 0) & (history.total <= history.visits.double())).all()
+    kept = [log["minority/kept_fraction"] for log in trainer.state.log_history if "minority/kept_fraction" in log]
+    assert len(kept) == 2  # steps 1 and 2 (step 0 is warm-up)
+    assert os.path.isfile(os.path.join(str(tmp_path), "checkpoint-3", "pair_logit_evidence.safetensors"))

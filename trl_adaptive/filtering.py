@@ -1,0 +1,132 @@
+"""The minority filter: drop the pairs whose evidence, accumulated over their visits, says they are minority labels.
+
+Why it exists (docs/results.md has the measurements): at the beta that works for Diffusion-DPO, ``beta * |l|`` is in
+the tens, so the sigmoid loss acts like a hinge and gradient comes almost only from pairs the model currently ranks
+wrongly. Adaptive-DPO's per-step score ``u`` is high for all of those, clean or flipped, so its per-step weights
+mostly rescale the whole gradient, which Adam undoes. What separates flipped from clean pairs is *persistence*:
+a clean pair is ranked correctly most of the time once the model has learned the majority preference, a flipped
+pair keeps being ranked "wrongly". One step's logit is too noisy to show that (a random timestep and noise draw),
+the mean over a pair's visits is not. This is the small-loss trick of noisy-label learning (Co-teaching, DivideMix)
+applied to Diffusion-DPO's logit.
+
+Convention: *evidence* is larger for pairs that look more like minority labels (as ``u`` is).
+
+Everything here is a pure function of tensors; the trainer keeps the per-pair sums (``trl_adaptive.history``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Values of ``AdaptiveDPOConfig.minority_filter``.
+MINORITY_FILTERS = ("none", "top_fraction", "mixture")
+#: Values of ``AdaptiveDPOConfig.minority_evidence``.
+MINORITY_EVIDENCE = ("logit", "wrong_sign", "score")
+
+
+def logit_evidence(logits: torch.Tensor, rms: torch.Tensor | float) -> torch.Tensor:
+    """Minority evidence of one visit from the Diffusion-DPO logit: ``-l / rms``, detached.
+
+    ``rms`` is the root mean square of the logits over the *global* batch (computed by the caller), which puts
+    visits at different training stages on the same scale; the sign (the model ranks the pair wrongly) is kept.
+    """
+    rms = torch.as_tensor(rms, dtype=torch.float32, device=logits.device).clamp_min(1e-12)
+    return (-logits.detach().float() / rms).detach()
+
+
+def wrong_sign_evidence(logits: torch.Tensor) -> torch.Tensor:
+    """Minority evidence of one visit as a 0/1 vote: 1 when the model ranks the pair against its label (``l < 0``).
+
+    Its mean over visits is the share of visits on which the pair was ranked wrongly; scale-free, so visits at
+    timesteps with large logits do not dominate it (they do dominate the mean of ``-l / rms``).
+    """
+    return (logits.detach() < 0).float()
+
+
+def top_fraction_threshold(evidence_means: torch.Tensor, fraction: float) -> float:
+    """Evidence value above which the ``fraction`` of pairs with the highest mean evidence lie (+inf for 0)."""
+    if fraction <= 0 or evidence_means.numel() == 0:
+        return float("inf")
+    return float(torch.quantile(evidence_means.double(), 1.0 - fraction))
+
+
+def two_gaussian_mixture(values: torch.Tensor, iterations: int = 50) -> dict[str, torch.Tensor]:
+    """Fit a two-component 1-D Gaussian mixture by EM; component 1 is the one with the larger mean.
+
+    Deterministic: the components start at the 25% and 75% quantiles with the overall variance. Returns the
+    ``weights``, ``means`` and ``variances`` (each of shape (2,)).
+    """
+    x = values.double().flatten()
+    var = x.var(unbiased=False).clamp_min(1e-12)
+    means = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    variances = torch.stack([var, var])
+    weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    for _ in range(iterations):
+        log_density = (
+            -0.5 * (x[:, None] - means).pow(2) / variances - 0.5 * torch.log(2 * torch.pi * variances) + weights.log()
+        )
+        resp = torch.softmax(log_density, dim=1)
+        mass = resp.sum(dim=0).clamp_min(1e-12)
+        weights = mass / len(x)
+        means = (resp * x[:, None]).sum(dim=0) / mass
+        variances = ((resp * (x[:, None] - means).pow(2)).sum(dim=0) / mass).clamp_min(var * 1e-4)
+    order = torch.argsort(means)
+    return {"weights": weights[order], "means": means[order], "variances": variances[order]}
+
+
+def mixture_separation(mixture: dict[str, torch.Tensor]) -> float:
+    """Ashman's D of a two-component mixture, ``|mu_1 - mu_0| / sqrt((var_0 + var_1) / 2)``: above ~2 the two
+    components are clearly separated; a unimodal sample (no minority) gives a small D."""
+    means, variances = mixture["means"], mixture["variances"]
+    return float((means[1] - means[0]).abs() / ((variances[0] + variances[1]) / 2).sqrt())
+
+
+def mixture_minority_posterior(values: torch.Tensor, mixture: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Posterior probability that each value belongs to the upper (minority-looking) component of the mixture."""
+    x = values.double()[..., None]
+    log_density = (
+        -0.5 * (x - mixture["means"]).pow(2) / mixture["variances"]
+        - 0.5 * torch.log(2 * torch.pi * mixture["variances"])
+        + mixture["weights"].log()
+    )
+    return torch.softmax(log_density, dim=-1)[..., 1].float()
+
+
+def minority_keep_mask(
+    evidence_means: torch.Tensor,
+    visits: torch.Tensor,
+    all_evidence_means: torch.Tensor,
+    method: str,
+    fraction: float = 0.0,
+    min_visits: int = 1,
+    max_fraction: float = 0.5,
+    min_separation: float = 2.0,
+) -> torch.Tensor:
+    """1.0 for pairs to keep, 0.0 for pairs judged minority; one value per pair of the batch.
+
+    Args:
+        evidence_means, visits: each batch pair's mean evidence and number of recorded visits.
+        all_evidence_means: mean evidence of every pair judged so far (>= ``min_visits`` visits), which sets the
+            threshold: the top ``fraction`` (``top_fraction``) or the pairs whose posterior under the upper component
+            of a two-Gaussian mixture exceeds 1/2 (``mixture``; the flip rate need not be known).
+        min_separation: ``mixture`` drops nothing unless the components' Ashman's D reaches this (a unimodal
+            evidence distribution, as with no minority, is split by any mixture fit; this keeps it whole).
+        max_fraction: never drop more than this share of pairs (the mixture's threshold is raised to that quantile).
+    Pairs with fewer than ``min_visits`` visits are always kept.
+    """
+    if method == "none" or all_evidence_means.numel() < 2:
+        return torch.ones_like(evidence_means, dtype=torch.float32)
+    if method == "top_fraction":
+        threshold = top_fraction_threshold(all_evidence_means, fraction)
+        drop = evidence_means.double() > threshold
+    elif method == "mixture":
+        mixture = two_gaussian_mixture(all_evidence_means)
+        if mixture_separation(mixture) < min_separation:
+            return torch.ones_like(evidence_means, dtype=torch.float32)
+        drop = mixture_minority_posterior(evidence_means, mixture) > 0.5
+        cap = top_fraction_threshold(all_evidence_means, max_fraction)
+        drop &= evidence_means.double() > cap
+    else:
+        raise ValueError(f"unknown minority filter {method!r}; allowed: {list(MINORITY_FILTERS)}")
+    drop &= visits >= min_visits
+    return (~drop).float()
