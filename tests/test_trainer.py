@@ -474,3 +474,16 @@ def test_training_with_the_real_clip_tokenizer(toy_pairs, tmp_path):
     before = snapshot(trainer.model, trainable=True)
     trainer.train()
     assert changed(before, trainer.model) == set(before)
+
+
+def test_rounding_level_logits_give_no_minority_score(toy_pairs, tmp_path):
+    """At step 0 the EMA annotators equal the policy, so their logits differ only by float rounding (~1e-8, e.g.
+    when the batched LoRA forward rounds differently from the policy's); the RMS normalisation must not blow that up
+    into an arbitrary O(1) score."""
+    trainer = AdaptiveDiffusionDPOTrainer(
+        tiny_sd_pipeline(), args=tiny_args(tmp_path), train_dataset=toy_pairs, peft_config=lora_config()
+    )
+    torch.manual_seed(0)
+    rounding_noise = 1e-8 * torch.randn(3, 8)
+    u = trainer.minority_scores(rounding_noise, {"row_index": torch.arange(8)}, training=False)
+    assert u.max().item() < 0.05  # unfloored, the same noise scores up to ~0.9

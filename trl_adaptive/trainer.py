@@ -43,6 +43,9 @@ from .noise import EVAL, TRAIN, pair_generators, pair_noise_and_timesteps
 logger = logging.get_logger(__name__)
 
 TRAINING_ARGS_NAME = "training_args.bin"
+#: Smallest RMS a metric normaliser may take: above float32 rounding of denoising errors (~1e-7), below the logits
+#: of a model that has started to move (~1e-5 and up).
+RMS_NORMALIZER_FLOOR = 1e-6
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -327,7 +330,11 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         args = self.args
         if annotator_logits.shape[0] == 1 and self.annotators is not None:  # amortised step between refreshes
             return self.pair_history.mean(inputs["row_index"]).to(annotator_logits.device)
-        normalizers = self._global_mean(annotator_logits.pow(2)).sqrt() if args.metric_normalize == "rms" else None
+        normalizers = None
+        if args.metric_normalize == "rms":
+            # Floored: while the annotators still equal the policy (step 0) every logit is float rounding (~1e-8), and
+            # dividing by its RMS would blow that noise up to an O(1), arbitrary score.
+            normalizers = self._global_mean(annotator_logits.pow(2)).sqrt().clamp_min(RMS_NORMALIZER_FLOOR)
         u = minority_score(annotator_logits, args.metric_rho, normalizers)
         if training and self.pair_history is not None:
             self.pair_history.record(self._gather(inputs["row_index"]), self._gather(u))
