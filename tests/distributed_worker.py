@@ -41,6 +41,7 @@ def tiny_run_args(output_dir: str, batch: int, **overrides):
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=False,
         seed=0,
         annotator_decays=[0.9, 0.5],
         # Several CPU processes talk over gloo (accelerate picks no backend for DeepSpeed without a GPU).
@@ -287,6 +288,11 @@ def main() -> None:
         command_run(args.out, args.batch, args.lora)
     else:
         command_deepspeed(args.out)
+    # Shut the process group down explicitly: leaving it to interpreter teardown occasionally aborted a gloo run
+    # with "terminate called without an active exception" after training had finished.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
