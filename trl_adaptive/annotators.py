@@ -89,24 +89,33 @@ class EMAAnnotators:
         """Write the annotators to `folder` (`write=False` on processes that must not write; a no-op here)."""
         if not write:
             return
+        self._write_file(folder, {k: v.detach().cpu() for k, v in self.state_dict().items()})
+
+    def _write_file(self, folder: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write the annotator file (tensors plus the decays and update count as metadata)."""
         metadata = {"decays": json.dumps(self.decays), "num_updates": str(self.num_updates)}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
         save_file(tensors, os.path.join(folder, ANNOTATORS_FILE), metadata=metadata)
 
-    def load(self, folder: str) -> None:
+    def _checked_file(self, folder: str) -> tuple[str, dict[str, str]]:
+        """Path and metadata of a checkpoint's annotator file, after checking it exists and matches the decays."""
+        from safetensors import safe_open
+
         path = os.path.join(folder, ANNOTATORS_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"{path} is missing: the checkpoint has no EMA annotator state, so resuming would silently "
                 "restart the annotators. Resume from a checkpoint written by AdaptiveDiffusionDPOTrainer."
             )
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata()
         saved_decays = json.loads(metadata["decays"])
         if saved_decays != self.decays:
             raise ValueError(f"Checkpoint annotator_decays {saved_decays} differ from the config's {self.decays}")
+        return path, metadata
+
+    def load(self, folder: str) -> None:
+        path, metadata = self._checked_file(folder)
         tensors = load_file(path)
         for k, shadow in enumerate(self.shadows):
             for n in shadow:

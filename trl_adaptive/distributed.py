@@ -16,14 +16,12 @@ never reach the optimizer; each process keeps a copy in the training dtype (the 
 
 from __future__ import annotations
 
-import json
-import os
 from copy import deepcopy
 
 import torch
 import torch.distributed as dist
 
-from .annotators import ANNOTATORS_FILE, EMAAnnotators
+from .annotators import EMAAnnotators
 
 
 def zero_stage(accelerator) -> int | None:
@@ -162,28 +160,16 @@ class ShardedEMAAnnotators(EMAAnnotators):
 
     def save(self, folder: str, write: bool = True) -> None:
         """Gather (every process takes part) and write the consolidated file (where `write`)."""
-        from safetensors.torch import save_file
-
         tensors = self.state_dict()
         if write:
-            metadata = {"decays": json.dumps(self.decays), "num_updates": str(self.num_updates)}
-            save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, ANNOTATORS_FILE), metadata)
+            self._write_file(folder, tensors)
 
     def load(self, folder: str) -> None:
         from safetensors import safe_open
 
         self._check_bound()
-        path = os.path.join(folder, ANNOTATORS_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} is missing: the checkpoint has no EMA annotator state, so resuming would silently "
-                "restart the annotators. Resume from a checkpoint written by AdaptiveDiffusionDPOTrainer."
-            )
+        path, metadata = self._checked_file(folder)
         with safe_open(path, framework="pt") as f:
-            metadata = f.metadata()
-            saved_decays = json.loads(metadata["decays"])
-            if saved_decays != self.decays:
-                raise ValueError(f"Checkpoint annotator_decays {saved_decays} differ from the config's {self.decays}")
             for k, shadow in enumerate(self.shadows):
                 for name, param in zip(self.names, self.params):
                     flat = f.get_tensor(f"{k}/{name}").reshape(-1)
