@@ -9,6 +9,8 @@ Cases (same pipeline weights, batch, resolution, dtype, optimizer and LoRA setti
   c         ours, Adaptive-DPO with the exact metric (annotators every step)
   c/seq     as c+cache, but reference and annotators run one after another (batch_frozen_forwards=False; LoRA only)
   d         ours, amortised Adaptive-DPO (annotator_interval=--interval)
+  f         ours, Diffusion-DPO + the minority filter on the training draw's own logits (no extra forward; the
+            setting that docs/results.md tests as near-free robustness)
   X+cache   case X trained from the latent cache (VAE latents and text embeddings computed once, before timing)
 
 What is timed: ours run through `AdaptiveDiffusionDPOTrainer.train()` (the real code path), one interval per optimizer
@@ -71,6 +73,7 @@ class Case:
     cached: bool = False
     batched: bool = True
     reference_loop: bool = False
+    minority_filter: bool = False
     step_times: list[float] = field(default_factory=list)  # wall seconds of every step, all rounds
     step_cpu_times: list[float] = field(default_factory=list)  # process CPU seconds of the same steps
     round_values: list[float] = field(default_factory=list)  # per round: median (mean for amortised) of the clock
@@ -431,6 +434,9 @@ def make_args(opts, output_dir: str, case: Case) -> AdaptiveDPOConfig:
         disable_tqdm=True,
         dataloader_num_workers=0,
         activation_checkpointing=opts.gradient_checkpointing,
+        # (f): the minority filter on the training draw's own logits (no extra forward), active from the first step.
+        **(dict(minority_filter="top_fraction", minority_evidence="wrong_sign", minority_evidence_decay=0.8)
+           if case.minority_filter else {}),
     )
 
 
@@ -589,6 +595,8 @@ def print_report(results: dict[str, dict], opts, device) -> None:
     line("(d)/(b) amortised / plain (means)", "d", "b", target=1.05, key="round_means")
     line("(d+cache)/(b+cache) (means)", "d+cache", "b+cache", target=1.05, key="round_means")
     line("(d/seq)/(d+cache), sequential / batched annotators (means)", "d/seq", "d+cache", key="round_means")
+    line("(f)/(b) minority filter on training-draw evidence / plain", "f", "b", target=1.05)
+    line("(f+cache)/(b+cache)", "f+cache", "b+cache", target=1.05)
     if "a" in results:
         for name in ("b", "b+cache", "c+cache", "d+cache"):
             if name in results:
@@ -629,7 +637,7 @@ def parse_args(argv=None):
     parser.add_argument("--resolution", type=int, help="image size (default: tiny 64, else the model's native size)")
     parser.add_argument("--beta", type=float, default=2500.0)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (all cases)")
-    parser.add_argument("--cases", default="a,b,b+cache,c,c+cache,c/seq,d,d+cache", help="comma-separated subset")
+    parser.add_argument("--cases", default="a,b,b+cache,c,c+cache,c/seq,d,d+cache,f", help="comma-separated subset")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument(
         "--interleave", action=argparse.BooleanOptionalAction, default=None,
@@ -668,6 +676,8 @@ def build_cases(opts) -> list[Case]:
         "d": Case("d", f"ours, amortised (interval {n})", adaptive=True, interval=n),
         "d+cache": Case("d+cache", f"ours, amortised (interval {n}), cached", adaptive=True, interval=n, cached=True),
         "d/seq": Case("d/seq", "d+cache, sequential annotators", adaptive=True, interval=n, cached=True, batched=False),
+        "f": Case("f", "ours, DPO + minority filter (training-draw evidence)", minority_filter=True),
+        "f+cache": Case("f+cache", "ours, DPO + minority filter, cached", minority_filter=True, cached=True),
     }
     names = [c.strip() for c in opts.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in catalogue]

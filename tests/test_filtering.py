@@ -77,3 +77,31 @@ def test_wrong_sign_evidence_votes_when_logit_negative():
     from trl_adaptive.filtering import wrong_sign_evidence
 
     assert wrong_sign_evidence(torch.tensor([0.3, -1e-6, 0.0, -2.0])).tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_pair_history_plain_mean_counts_visits_not_votes(tmp_path):
+    from trl_adaptive.history import PairHistory
+
+    history = PairHistory(3)
+    history.record(torch.tensor([0, 1, 0, 1]), torch.tensor([1.0, 0.0, 0.0, 0.0]))  # one visit, two votes each
+    history.record(torch.tensor([0]), torch.tensor([1.0]))
+    assert history.visits.tolist() == [2, 1, 0]
+    assert history.mean(torch.tensor([0, 1, 2])).tolist() == pytest.approx([2 / 3, 0.0, 0.0])
+    history.save(str(tmp_path))
+    restored = PairHistory(3)
+    restored.load(str(tmp_path))
+    assert restored.mean(torch.tensor([0])).item() == pytest.approx(2 / 3)
+
+
+def test_pair_history_decay_weights_recent_visits_more():
+    from trl_adaptive.history import PairHistory
+
+    history = PairHistory(2, decay=0.5)
+    for value in (1.0, 0.0, 0.0):  # row 0: votes 1, 0, 0 on three visits; row 1 visited only once
+        history.record(torch.tensor([0]), torch.tensor([value]))
+    history.record(torch.tensor([1]), torch.tensor([1.0]))
+    # weights 0.25, 0.5, 1 -> (0.25 * 1) / 1.75
+    assert history.mean(torch.tensor([0, 1])).tolist() == pytest.approx([0.25 / 1.75, 1.0])
+    assert history.means_with_visits(2).tolist() == pytest.approx([0.25 / 1.75])
+    with pytest.raises(ValueError, match="decay"):
+        PairHistory(2, decay=1.0)

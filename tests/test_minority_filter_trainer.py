@@ -19,9 +19,10 @@ def test_filter_records_evidence_and_drops_pairs(tmp_path):
     trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(8))
     trainer.train()
     history = trainer.evidence_history
-    # 3 steps x 4 pairs x (training draw + 1 extra draw) votes, each 0 or 1.
-    assert int(history.visits.sum()) == 3 * 4 * 2
-    assert ((history.total >= 0) & (history.total <= history.visits.double())).all()
+    # 3 steps x 4 pairs visited; each visit casts 2 votes (training draw + 1 extra draw), each 0 or 1.
+    assert int(history.visits.sum()) == 3 * 4
+    assert torch.equal(history.weight, 2 * history.visits.double())
+    assert ((history.total >= 0) & (history.total <= history.weight)).all()
     kept = [log["minority/kept_fraction"] for log in trainer.state.log_history if "minority/kept_fraction" in log]
     assert len(kept) == 2  # steps 1 and 2 (step 0 is warm-up)
     assert os.path.isfile(os.path.join(str(tmp_path), "checkpoint-3", "pair_logit_evidence.safetensors"))

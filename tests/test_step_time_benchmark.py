@@ -22,15 +22,17 @@ def step_time():
 def test_tiny_benchmark_runs_every_case(step_time, capsys):
     results = step_time.main(
         ["--batch", "2", "--steps", "2", "--warmup", "1", "--interval", "2", "--rounds", "1", "--rank", "4",
-         "--cases", "a,b,b+cache,c+cache,c/seq,d+cache"]
+         "--cases", "a,b,b+cache,c+cache,c/seq,d+cache,f"]
     )
-    assert set(results) == {"a", "b", "b+cache", "c+cache", "c/seq", "d+cache"}
+    assert set(results) == {"a", "b", "b+cache", "c+cache", "c/seq", "d+cache", "f"}
     for r in results.values():
         assert r["num_timed_steps"] == 2 and r["seconds_used"] > 0 and r["flops_per_step"] > 0
     flops = {name: r["flops_per_step"] for name, r in results.items()}
     # Same work, same FLOPs: the reference loop and our uncached plain DPO; batched or sequential annotators.
     assert flops["a"] == pytest.approx(flops["b"], rel=1e-6)
     assert flops["c/seq"] == pytest.approx(flops["c+cache"], rel=1e-6)
+    # The minority filter on the training draw's logits adds no UNet pass.
+    assert flops["f"] == pytest.approx(flops["b"], rel=1e-6)
     # Caching removes the VAE and text encoder; two annotators add 4 image-forwards to LoRA's 6 (plus the small
     # LoRA weight-gradient FLOPs of the policy): anything recomputed twice would push the ratio well above 5/3.
     assert flops["b+cache"] < flops["b"]

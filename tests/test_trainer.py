@@ -410,6 +410,7 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(lora, toy_pairs, tm
         ("resolution", 100, "resolution must be a positive multiple of 8"),
         ("empty_prompt_probability", 1.5, r"empty_prompt_probability must be in \[0, 1\]"),
         ("remove_unused_columns", True, "remove_unused_columns must be False"),
+        ("minority_evidence_decay", 1.0, r"minority_evidence_decay must be in \[0, 1\)"),
     ],
 )
 def test_config_errors_name_the_field(field, value, message, tmp_path):

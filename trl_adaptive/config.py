@@ -141,6 +141,14 @@ class AdaptiveDPOConfig(TrainingArguments):
             "policy and a reference forward of the batch, as one EMA annotator does). 0: the training draw only."
         },
     )
+    minority_evidence_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Forget old evidence, in [0, 1): at each visit of a pair the weight of its earlier visits is "
+            "multiplied by this (0: plain mean over all visits). Votes cast before the model learned the majority "
+            "preference are noise; a decay lets the filter follow the current model. `logit`/`wrong_sign` only."
+        },
+    )
     minority_filter_fraction: float = field(
         default=0.2, metadata={"help": "Share of pairs `top_fraction` drops, in [0, 1) (the assumed flip rate)."}
     )
@@ -229,6 +237,12 @@ class AdaptiveDPOConfig(TrainingArguments):
         check_choice("minority_evidence", MINORITY_EVIDENCE)
         if self.minority_filter != "none" and self.minority_evidence == "score" and not self.adaptive:
             raise ValueError("AdaptiveDPOConfig.minority_evidence='score' needs adaptive=True (u comes from the annotators)")
+        if not 0.0 <= self.minority_evidence_decay < 1.0:
+            raise ValueError(
+                f"AdaptiveDPOConfig.minority_evidence_decay must be in [0, 1) (0: plain mean), got {self.minority_evidence_decay}"
+            )
+        if self.minority_evidence_decay and self.minority_evidence == "score":
+            raise ValueError("AdaptiveDPOConfig.minority_evidence_decay applies to `logit`/`wrong_sign` evidence, not `score`")
         if not 0.0 <= self.minority_filter_fraction < 1.0:
             raise ValueError(
                 f"AdaptiveDPOConfig.minority_filter_fraction must be in [0, 1), got {self.minority_filter_fraction}"

@@ -4,6 +4,10 @@ Every time the exact metric is computed for a training pair, its score ``u`` is 
 the pair's ``row_index`` (its position in the dataset the user passed). The running mean over visits is what the
 amortised annotator mode uses between annotator refreshes, and a less noisy view of a pair than one step's ``u``
 (a single timestep's logit is noisy). Every process records the gathered global batch, so all copies are equal.
+
+With `decay` d in (0, 1) the mean is exponentially weighted over the pair's own visits: each later visit of the pair
+multiplies the weight of its earlier records by d, so a record `n` visits old counts d^n as much as the newest. The
+minority filter uses this to forget the votes cast before the model had learned the majority preference.
 """
 
 from __future__ import annotations
@@ -17,21 +21,31 @@ HISTORY_FILE = "pair_history.safetensors"
 
 
 class PairHistory:
-    def __init__(self, num_rows: int, filename: str = HISTORY_FILE):
+    def __init__(self, num_rows: int, filename: str = HISTORY_FILE, decay: float = 0.0):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"PairHistory decay must be in [0, 1) (0: plain mean over visits), got {decay}")
         self.filename = filename
-        self.total = torch.zeros(num_rows, dtype=torch.float64)
+        self.decay = decay
+        self.total = torch.zeros(num_rows, dtype=torch.float64)  # (weighted) sum of the recorded scores
+        self.weight = torch.zeros(num_rows, dtype=torch.float64)  # (weighted) number of records; = visits if no decay
         self.visits = torch.zeros(num_rows, dtype=torch.long)
 
     def record(self, rows: torch.Tensor, scores: torch.Tensor) -> None:
+        """Record one visit of each row (a row listed twice adds two records to the same visit)."""
         rows = rows.detach().long().cpu()
+        visited = rows.unique()
+        if self.decay:
+            self.total[visited] *= self.decay
+            self.weight[visited] *= self.decay
         self.total.index_add_(0, rows, scores.detach().double().cpu())
-        self.visits.index_add_(0, rows, torch.ones_like(rows))
+        self.weight.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float64))
+        self.visits.index_add_(0, visited, torch.ones_like(visited))
 
     def mean(self, rows: torch.Tensor) -> torch.Tensor:
         """Mean recorded score of each row; 0 for rows never scored (a neutral weight of 1 / c)."""
         rows = rows.detach().long().cpu()
-        visits = self.visits[rows]
-        return (self.total[rows] / visits.clamp_min(1)).float().to(rows.device)
+        weight = self.weight[rows]
+        return (self.total[rows] / weight.clamp_min(1e-12)).float().to(rows.device)
 
     def visit_counts(self, rows: torch.Tensor) -> torch.Tensor:
         return self.visits[rows.detach().long().cpu()].to(rows.device)
@@ -39,10 +53,11 @@ class PairHistory:
     def means_with_visits(self, min_visits: int = 1) -> torch.Tensor:
         """Mean recorded score of every row with at least `min_visits` visits (float64, CPU)."""
         seen = self.visits >= max(min_visits, 1)
-        return self.total[seen] / self.visits[seen]
+        return self.total[seen] / self.weight[seen]
 
     def save(self, folder: str) -> None:
-        save_file({"total": self.total, "visits": self.visits}, os.path.join(folder, self.filename))
+        tensors = {"total": self.total, "weight": self.weight, "visits": self.visits}
+        save_file(tensors, os.path.join(folder, self.filename))
 
     def load(self, folder: str) -> None:
         path = os.path.join(folder, self.filename)
@@ -55,3 +70,5 @@ class PairHistory:
             )
         self.total.copy_(tensors["total"])
         self.visits.copy_(tensors["visits"])
+        # Checkpoints written before the weighted mean existed hold no weights: their records were unweighted.
+        self.weight.copy_(tensors["weight"] if "weight" in tensors else tensors["visits"].double())

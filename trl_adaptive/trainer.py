@@ -159,7 +159,9 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 self.evidence_history = self.pair_history
             else:
                 num_rows = max(train_dataset["row_index"]) + 1
-                self.evidence_history = PairHistory(num_rows, filename="pair_logit_evidence.safetensors")
+                self.evidence_history = PairHistory(
+                    num_rows, filename="pair_logit_evidence.safetensors", decay=args.minority_evidence_decay
+                )
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(
             model=denoiser,
@@ -379,12 +381,12 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 with torch.no_grad():
                     extra = range(1, args.minority_evidence_draws + 1)
                     draws += [self.pair_forward(self.model, inputs, draw=d)["logits"][0] for d in extra]
-            for draw in draws:
-                if args.minority_evidence == "logit":
-                    evidence = logit_evidence(draw, self._global_mean(draw.pow(2)).sqrt())
-                else:
-                    evidence = wrong_sign_evidence(draw)
-                self.evidence_history.record(self._gather(rows), self._gather(evidence))
+            if args.minority_evidence == "logit":
+                evidence = [logit_evidence(draw, self._global_mean(draw.pow(2)).sqrt()) for draw in draws]
+            else:
+                evidence = [wrong_sign_evidence(draw) for draw in draws]
+            # One visit: all its draws in one record (one decay step, one visit counted).
+            self.evidence_history.record(self._gather(rows.repeat(len(draws))), self._gather(torch.cat(evidence)))
         if self.state.global_step < args.minority_filter_warmup_steps:
             return None
         keep = minority_keep_mask(

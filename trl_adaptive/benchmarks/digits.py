@@ -12,7 +12,7 @@ Pipeline (each step documented where it is implemented):
 4. **Methods at equal budgets** (same steps, batch and learning rate), all trained by
    ``AdaptiveDiffusionDPOTrainer`` with a full fine-tune: Diffusion-DPO, cDPO (label_smoothing = flip rate),
    Adaptive-DPO as the paper defines it, its amortised mode (``annotator_interval``), the minority filter of this
-   library (``minority_filter``, settings in ``FILTER_OVERRIDES``, chosen on validation seed 100), and the oracle
+   library (``minority_filter``, settings in ``FILTER_OVERRIDES``, chosen on validation seeds 100-101), and the oracle
    (Diffusion-DPO on the unflipped pairs only).
 
 Results, setup details and the validation sweep: docs/results.md.
@@ -33,7 +33,9 @@ import platform
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
 
 import numpy as np
 import torch
@@ -57,19 +59,23 @@ class BenchmarkSettings:
     """Every knob of one benchmark run (the defaults are the full grid; `quick()` the CI smoke size)."""
 
     flip_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
-    methods: tuple[str, ...] = ("dpo", "cdpo", "adaptive", "adaptive_amortised", "filter", "oracle")
+    methods: tuple[str, ...] = ("dpo", "cdpo", "adaptive", "adaptive_amortised", "filter", "filter_free", "oracle")
     #: Pretraining phases (steps, batch); each phase restarts a one-cycle lr schedule (peak 2e-3) with seed = its
     #: index. Measured: after (400, 128) samples were 21% correct for the rater; after a second (1200, 64) phase 92%.
     pretrain_phases: tuple[tuple[int, int], ...] = ((400, 128), (1200, 64))
     samples_per_class: int = 100  # base samples per digit; paired within digit and template (50 pairs per digit)
     tie_gap: float = 0.02  # pairs whose reward gap is below this are dropped as near-ties
-    train_steps: int = 150
+    #: 300 steps of 32 pairs = ~20 visits per pair. At 150 steps (~10 visits) the filter's evidence was too noisy to
+    #: beat Diffusion-DPO reliably on validation seeds (docs/results.md, "How the settings were chosen").
+    train_steps: int = 300
     train_batch: int = 32
     learning_rate: float = 1e-4
     beta: float = 2500.0
     eval_samples_per_class: int = 30
     sampling_steps: int = 20
     rater_c: float = 0.05
+    #: AdaptiveDPOConfig fields of the 'filter' method (FILTER_OVERRIDES plus any --set).
+    filter_overrides: dict = field(default_factory=lambda: dict(FILTER_OVERRIDES))
 
 
 def quick_settings() -> BenchmarkSettings:
@@ -85,7 +91,7 @@ def quick_settings() -> BenchmarkSettings:
 
 
 #: AdaptiveDPOConfig overrides of each method (the shared ones, beta, lr, steps, batch, come from the settings).
-def method_overrides(method: str, flip_rate: float, train_steps: int = 0) -> dict:
+def method_overrides(method: str, flip_rate: float, train_steps: int = 0, filter_overrides: dict | None = None) -> dict:
     if method in ("dpo", "oracle"):
         return {"adaptive": False}
     if method == "cdpo":
@@ -94,9 +100,11 @@ def method_overrides(method: str, flip_rate: float, train_steps: int = 0) -> dic
         return {"adaptive": True}
     if method == "adaptive_amortised":
         return {"adaptive": True, "annotator_interval": 10}
-    if method == "filter":  # this library's minority filter (see docs/minority_filter.md and docs/results.md)
+    if method in ("filter", "filter_free"):  # this library's minority filter (docs/minority_filter.md, docs/results.md)
         overrides = {"minority_filter_warmup_steps": int(FILTER_WARMUP_SHARE * train_steps)}
-        overrides.update(FILTER_OVERRIDES)
+        overrides.update(FILTER_OVERRIDES if filter_overrides is None else filter_overrides)
+        if method == "filter_free":  # votes from the training draw's own logits only: no extra forward pass
+            overrides["minority_evidence_draws"] = 0
         return overrides
     raise ValueError(f"unknown method {method!r}")
 
@@ -107,6 +115,7 @@ FILTER_OVERRIDES: dict = {
     "minority_filter": "top_fraction",
     "minority_evidence": "wrong_sign",
     "minority_evidence_draws": 2,
+    "minority_evidence_decay": 0.9,
     "minority_filter_fraction": 0.2,
     "minority_filter_min_visits": 2,
 }
@@ -119,6 +128,7 @@ METHOD_LABELS = {
     "adaptive": "Adaptive-DPO (paper)",
     "adaptive_amortised": "Adaptive-DPO, amortised (interval 10)",
     "filter": "minority filter (ours)",
+    "filter_free": "minority filter, training draw only (ours)",
     "oracle": "oracle (flipped pairs removed)",
 }
 
@@ -403,7 +413,7 @@ def _recording_trainer_class():
 
 
 def train_method(base_folder: str, dataset, method: str, flip_rate: float, settings: BenchmarkSettings, seed: int,
-                 work_dir: str, extra_overrides: dict | None = None):
+                 work_dir: str):
     """Fine-tune the base UNet with one method; returns (trained UNet, per-visit diagnostics, wall seconds)."""
     from diffusers import StableDiffusionPipeline
 
@@ -413,8 +423,7 @@ def train_method(base_folder: str, dataset, method: str, flip_rate: float, setti
 
     if method == "oracle":
         dataset = dataset.filter(lambda flipped: not flipped, input_columns="flipped")
-    overrides = method_overrides(method, flip_rate, settings.train_steps)
-    overrides.update(extra_overrides or {})
+    overrides = method_overrides(method, flip_rate, settings.train_steps, settings.filter_overrides)
     args = AdaptiveDPOConfig(
         output_dir=os.path.join(work_dir, f"{method}-{flip_rate}"),
         beta=settings.beta,
@@ -541,9 +550,10 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
 
 
 def run_seed(seed: int, settings: BenchmarkSettings, base, base_folder: str, rater: DigitRater, work_dir: str,
-             progress: bool, keep_samples: bool, extra_overrides: dict | None = None, log=print,
-             visits_dir: str | None = None) -> dict:
-    """Pairs, every (flip rate, method) run and their evaluation, for one seed."""
+             progress: bool, keep_samples: bool, log=print, visits_dir: str | None = None, workers: int = 1,
+             worker_threads: int | None = None) -> dict:
+    """Pairs, every (flip rate, method) run and their evaluation, for one seed; `workers` > 1 runs that many
+    (flip rate, method) runs at a time in worker processes (the runs are independent: each seeds itself)."""
     from tqdm.auto import tqdm
 
     from ..data import flip_labels
@@ -557,31 +567,85 @@ def run_seed(seed: int, settings: BenchmarkSettings, base, base_folder: str, rat
     result = {"seed": seed, "pairs": pair_info, "base_reward": float(base_rewards.mean()), "runs": {}}
     samples = {"base": base_images} if keep_samples else {}
     flipped_sets = {rate: flip_labels(pairs, rate, seed=seed) for rate in settings.flip_rates}
-    runs = runs_for(settings)
-    bar = tqdm(runs, desc=f"seed {seed}: training", disable=not progress)
-    for rate, method in bar:
-        bar.set_postfix_str(f"{method} @ {rate:.0%} flips")
-        unet, visits, seconds = train_method(base_folder, flipped_sets[rate], method, rate, settings, seed, work_dir,
-                                             extra_overrides)
-        filter_stats = visits.pop("filter_stats")
-        if visits_dir:
-            np.savez(os.path.join(visits_dir, f"visits-seed{seed}-{method}-{rate}.npz"), **visits)
-        images = to_uint8(sample_images(unet, base.scheduler.config, eval_embeds, eval_noise, settings.sampling_steps))
-        rewards = rater.rewards(images, eval_digits)
-        wins = (rewards > base_rewards).astype(float) + 0.5 * (rewards == base_rewards)
-        run = {
-            "flip_rate": rate, "method": method, "train_seconds": seconds,
-            "reward": float(rewards.mean()), "reward_gain": float(rewards.mean() - base_rewards.mean()),
-            "win_rate": float(wins.mean()), "detection": detection_metrics(visits), "filter_stats": filter_stats,
-        }
-        result["runs"][f"{method}@{rate}"] = run
-        log(f"  seed {seed} {METHOD_LABELS[method]:<40} flips {rate:.0%}: reward {run['reward']:.4f} "
-            f"(gain {run['reward_gain']:+.4f}), win rate {run['win_rate']:.3f}, {seconds:.0f}s")
-        if keep_samples and rate == max(settings.flip_rates) and method in ("dpo", "adaptive", "filter"):
-            samples[f"{method}@{rate}"] = images
+    evaluation = dict(embeds=eval_embeds, noise=eval_noise, digits=eval_digits, base_rewards=base_rewards, rater=rater,
+                      scheduler_config=dict(base.scheduler.config))
+    jobs = [
+        dict(base_folder=base_folder, dataset=flipped_sets[rate], method=method, flip_rate=rate, settings=settings,
+             seed=seed, work_dir=work_dir, evaluation=evaluation, save_visits=visits_dir is not None)
+        for rate, method in runs_for(settings)
+    ]
+    bar = tqdm(total=len(jobs), desc=f"seed {seed}: training", disable=not progress)
+    finished = {}
+
+    def collect(run: dict) -> None:
+        key = f"{run['method']}@{run['flip_rate']}"
+        images, visits = run.pop("images"), run.pop("visits", None)
+        if visits is not None:
+            np.savez(os.path.join(visits_dir, f"visits-seed{seed}-{key.replace('@', '-')}.npz"), **visits)
+        finished[key] = run
+        log(f"  seed {seed} {METHOD_LABELS[run['method']]:<40} flips {run['flip_rate']:.0%}: reward {run['reward']:.4f} "
+            f"(gain {run['reward_gain']:+.4f}), win rate {run['win_rate']:.3f}, {run['train_seconds']:.0f}s")
+        if keep_samples and run["flip_rate"] == max(settings.flip_rates) and run["method"] in ("dpo", "adaptive", "filter"):
+            samples[key] = images
+        bar.update(1)
+
+    if workers > 1:
+        threads = worker_threads or max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_quiet_worker,
+                                 initargs=(threads,)) as pool:
+            for future in as_completed([pool.submit(run_one, job) for job in jobs]):
+                collect(future.result())
+    else:
+        for job in jobs:
+            bar.set_postfix_str(f"{job['method']} @ {job['flip_rate']:.0%} flips")
+            collect(run_one(job))
+    bar.close()
+    for rate, method in runs_for(settings):  # the grid's order, whatever order the workers finished in
+        result["runs"][f"{method}@{rate}"] = finished[f"{method}@{rate}"]
     result["samples"] = samples
     result["eval_digits"] = eval_digits
     return result
+
+
+def run_one(job: dict) -> dict:
+    """One (flip rate, method) run: fine-tune, sample the held-out evaluation prompts and noise, rate the images."""
+    evaluation = job["evaluation"]
+    settings = job["settings"]
+    unet, visits, seconds = train_method(job["base_folder"], job["dataset"], job["method"], job["flip_rate"], settings,
+                                         job["seed"], job["work_dir"])
+    filter_stats = visits.pop("filter_stats")
+    images = to_uint8(sample_images(unet, evaluation["scheduler_config"], evaluation["embeds"], evaluation["noise"],
+                                    settings.sampling_steps))
+    rewards = evaluation["rater"].rewards(images, evaluation["digits"])
+    base_rewards = evaluation["base_rewards"]
+    wins = (rewards > base_rewards).astype(float) + 0.5 * (rewards == base_rewards)
+    return {
+        "flip_rate": job["flip_rate"], "method": job["method"], "train_seconds": seconds,
+        "reward": float(rewards.mean()), "reward_gain": float(rewards.mean() - base_rewards.mean()),
+        "win_rate": float(wins.mean()), "detection": detection_metrics(visits), "filter_stats": filter_stats,
+        "images": images, **({"visits": visits} if job["save_visits"] else {}),
+    }
+
+
+def _quiet_worker(threads: int) -> None:
+    """Set up a worker process of the demo as main() sets up its own process."""
+    _quiet_libraries()
+    torch.set_num_threads(threads)
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")  # scheduler config nags
+    torch.set_flush_denormal(True)  # at beta >= 2500 saturated sigmoids give denormal gradients: 2x slower steps
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
 
 
 def method_at(runs_by_key: dict, method: str, rate: float) -> dict | None:
@@ -742,6 +806,10 @@ def parse_args(argv=None):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="Extra AdaptiveDPOConfig field for the 'filter' method (repeatable), for sweeps.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="Runs trained at a time, each in its own process with --threads (default cpus / workers) threads (default "
+                        "2, or 1 on a one-core machine): two one-thread runs use two cores better than one two-thread "
+                        "run of this small model. 1 runs everything in this process.")
     parser.add_argument("--save-visits", action="store_true",
                         help="Also save every training visit's logit and score per run (npz) for diagnostics.")
     parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
@@ -768,18 +836,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")  # scheduler config nags
-    torch.set_flush_denormal(True)  # at beta >= 2500 saturated sigmoids give denormal gradients: 2x slower steps
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()
+    _quiet_libraries()
     settings = quick_settings() if args.quick else BenchmarkSettings()
     if args.flip_rates:
         settings.flip_rates = tuple(args.flip_rates)
@@ -789,10 +846,7 @@ def main(argv=None) -> dict:
         settings.train_steps = args.train_steps
     if args.learning_rate:
         settings.learning_rate = args.learning_rate
-    extra = dict(_parse_override(o) for o in args.overrides)
-    if extra:
-        global FILTER_OVERRIDES
-        FILTER_OVERRIDES = {**FILTER_OVERRIDES, **extra}
+    settings.filter_overrides.update(_parse_override(o) for o in args.overrides)
     progress = not args.no_progress
     os.makedirs(args.output_dir, exist_ok=True)
     if args.merge:
@@ -809,8 +863,9 @@ def main(argv=None) -> dict:
     seed_results = []
     with tempfile.TemporaryDirectory(prefix="trl-adaptive-demo-") as work_dir:
         for i, seed in enumerate(seeds):
-            seed_results.append(run_seed(seed, settings, base, base_folder, rater, work_dir, progress,
-                                         keep_samples=i == 0, visits_dir=args.output_dir if args.save_visits else None))
+            seed_results.append(run_seed(seed, settings, base, base_folder, rater, work_dir, progress, keep_samples=i == 0,
+                                         visits_dir=args.output_dir if args.save_visits else None, workers=args.workers,
+                                         worker_threads=args.threads))
     if seed_results and seed_results[0]["samples"]:
         np.savez(os.path.join(args.output_dir, "samples.npz"), eval_digits=seed_results[0]["eval_digits"],
                  **seed_results[0]["samples"])
@@ -837,7 +892,9 @@ def merge_reports(args, argv) -> dict:
                 samples, samples_seed = found, int(report["seeds"][0])
             elif int(report["seeds"][0]) == samples_seed:
                 samples.update(found)
-    settings = BenchmarkSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in first["settings"].items()})
+    stored = {k: tuple(v) if isinstance(v, list) else v for k, v in first["settings"].items()}
+    stored.setdefault("filter_overrides", first["filter_overrides"])  # older reports kept it beside the settings
+    settings = BenchmarkSettings(**stored)
     keys = [key for entry in per_seed.values() for key in entry["runs"]]
     settings.flip_rates = tuple(sorted({float(k.split("@")[1]) for k in keys}))
     settings.methods = tuple(m for m in METHOD_LABELS if any(k.split("@")[0] == m for k in keys))
@@ -847,8 +904,6 @@ def merge_reports(args, argv) -> dict:
     if samples is not None:
         seed_results[0]["eval_digits"] = samples.pop("eval_digits")
         seed_results[0]["samples"] = samples
-    global FILTER_OVERRIDES
-    FILTER_OVERRIDES = first["filter_overrides"]
     wall = sum(json.load(open(os.path.join(d, "results.json")))["wall_seconds"] for d in args.merge)
     return write_report(args, argv, settings, sorted(per_seed), seed_results, first["rater_held_out_accuracy"],
                         first["base_model"], start, summed_wall=wall)
@@ -862,7 +917,7 @@ def write_report(args, argv, settings, seeds, seed_results, rater_accuracy, base
     report = {
         "command": "trl-adaptive demo " + " ".join(argv if argv is not None else []),
         "settings": settings.__dict__,
-        "filter_overrides": FILTER_OVERRIDES,
+        "filter_overrides": settings.filter_overrides,
         "seeds": seeds,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads()},
