@@ -19,10 +19,29 @@ def test_filter_records_evidence_and_drops_pairs(tmp_path):
     trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(8))
     trainer.train()
     history = trainer.evidence_history
-    # 3 steps x 4 pairs visited; each visit casts 2 votes (training draw + 1 extra draw), each 0 or 1.
+    # 3 steps x 4 pairs visited; each visit casts 2 votes (training draw + 1 extra draw), each 0 or 1, and each later
+    # visit discounts the earlier ones by the default decay 0.9.
+    assert history.decay == 0.9
     assert int(history.visits.sum()) == 3 * 4
-    assert torch.equal(history.weight, 2 * history.visits.double())
+    expected_weight = 2 * (1 - 0.9 ** history.visits.double()) / (1 - 0.9)
+    assert torch.allclose(history.weight, expected_weight)
     assert ((history.total >= 0) & (history.total <= history.weight)).all()
     kept = [log["minority/kept_fraction"] for log in trainer.state.log_history if "minority/kept_fraction" in log]
     assert len(kept) == 2  # steps 1 and 2 (step 0 is warm-up)
     assert os.path.isfile(os.path.join(str(tmp_path), "checkpoint-3", "pair_logit_evidence.safetensors"))
+
+
+def test_filter_on_the_paper_score_shares_the_decayed_history(tmp_path):
+    torch.set_flush_denormal(True)
+    args = AdaptiveDPOConfig(
+        output_dir=str(tmp_path), adaptive=True, annotator_decays=[0.9, 0.5], max_steps=2,
+        per_device_train_batch_size=4, resolution=32, report_to=[], save_strategy="no", use_cpu=True,
+        minority_filter="top_fraction", minority_evidence="score", minority_evidence_decay=0.5,
+        minority_filter_min_visits=1,
+    )
+    trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(4))
+    assert trainer.evidence_history is trainer.pair_history and trainer.pair_history.decay == 0.5
+    trainer.train()
+    # 4 pairs, one per row, visited on both steps (batch 4 = the whole dataset): weights 0.5 + 1.
+    assert trainer.pair_history.visits.tolist() == [2, 2, 2, 2]
+    assert torch.allclose(trainer.pair_history.weight, torch.full((4,), 1.5, dtype=torch.float64))

@@ -151,7 +151,10 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         self.annotators = None  # created below, once the distributed set-up (ZeRO stage) is known
         self.pair_history = None
         if args.adaptive and train_dataset is not None:
-            self.pair_history = PairHistory(max(train_dataset["row_index"]) + 1)
+            # With the filter judging by `score`, this record is its evidence too, so it takes the filter's decay.
+            scored_by_filter = args.minority_filter != "none" and args.minority_evidence == "score"
+            decay = args.minority_evidence_decay if scored_by_filter else 0.0
+            self.pair_history = PairHistory(max(train_dataset["row_index"]) + 1, decay=decay)
         # The minority filter's per-pair evidence: the pair history itself for `score`, its own record otherwise.
         self.evidence_history = None
         if args.minority_filter != "none" and train_dataset is not None:
