@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib
 import json
 import os
 import platform
@@ -57,7 +56,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from trl_adaptive import AdaptiveDPOConfig, AdaptiveDiffusionDPOTrainer, family_for  # noqa: E402
 from trl_adaptive.data import PreferenceCollator, detect_schema, prepare_preference_dataset  # noqa: E402
-from trl_adaptive.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline, toy_preference_dataset  # noqa: E402
+from trl_adaptive.tiny import random_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, toy_preference_dataset  # noqa: E402
 
 #: Dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name substring, most specific first (vendor data sheets).
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12))
@@ -88,56 +87,10 @@ class Case:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def pipeline_from_config_folder(folder: str, seed: int = 0):
-    """A randomly initialised pipeline with the architecture of a model folder that holds configs but no weights."""
-    import diffusers
-    from transformers import AutoConfig
-
-    with open(os.path.join(folder, "model_index.json")) as f:
-        index = json.load(f)
-    torch.manual_seed(seed)
-    components, extra = {}, {}
-    for name, spec in index.items():
-        if name.startswith("_"):
-            continue
-        if not isinstance(spec, list):
-            extra[name] = spec
-            continue
-        library, class_name = spec
-        if library is None:
-            components[name] = None
-            continue
-        cls = getattr(importlib.import_module(library), class_name)
-        path = os.path.join(folder, name)
-        if "Tokenizer" in class_name or "Scheduler" in class_name:
-            components[name] = cls.from_pretrained(path)  # tokenizer files / scheduler config only
-        elif library == "diffusers":
-            components[name] = cls.from_config(cls.load_config(path))
-        else:
-            components[name] = cls(AutoConfig.from_pretrained(path))
-    return getattr(diffusers, index["_class_name"])(**components, **extra)
-
-
 def meta_flops(folder: str, resolution: int | None) -> dict[str, float]:
     """FLOPs of one UNet forward and one VAE encode per image and of the text encoders per prompt, counted on the
     meta device (shapes only: no weights, no compute), at the model's native resolution unless given."""
-    import diffusers
-    from transformers import AutoConfig
-
-    with open(os.path.join(folder, "model_index.json")) as f:
-        index = json.load(f)
-    modules = {}
-    with torch.device("meta"):
-        for name, spec in index.items():
-            if not isinstance(spec, list) or spec[0] is None or name in ("scheduler",) or name.startswith("tokenizer"):
-                continue
-            library, class_name = spec
-            cls = getattr(importlib.import_module(library), class_name)
-            path = os.path.join(folder, name)
-            if library == "diffusers":
-                modules[name] = cls.from_config(cls.load_config(path))
-            elif name.startswith("text_encoder"):
-                modules[name] = cls(AutoConfig.from_pretrained(path))
+    modules = random_pipeline(folder, "meta").components
     unet, vae = modules["unet"], modules["vae"]
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = resolution or unet.config.sample_size * scale
@@ -710,7 +663,7 @@ def main(argv=None) -> dict[str, dict]:
     weight_dtype = DTYPES[opts.dtype_name]
 
     if opts.arch_dir:
-        template = pipeline_from_config_folder(opts.arch_dir)
+        template = random_pipeline(opts.arch_dir, seed=0)
     elif opts.arch == "tiny-sdxl":
         template = tiny_sdxl_pipeline(seed=0, resolution=64)
     else:

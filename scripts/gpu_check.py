@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import os
 import socket
@@ -64,35 +63,6 @@ CASES = [
 
 
 # ---- building pipelines ----------------------------------------------------------------------------------------
-
-
-def build_pipeline(folder: str, device):
-    """A pipeline of the folder's architecture with random weights, built on `device` (fast on a GPU)."""
-    import diffusers
-    import torch
-
-    index = json.loads(Path(folder, "model_index.json").read_text())
-    components = {}
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list):
-            continue
-        library, class_name = spec
-        if class_name is None:
-            components[name] = None
-            continue
-        cls = getattr(importlib.import_module(library), class_name)
-        path = os.path.join(folder, name)
-        if "Tokenizer" in class_name or "Scheduler" in class_name:
-            components[name] = cls.from_pretrained(path)  # real tokenizer files; scheduler config
-        elif library == "transformers":
-            with torch.device(device):
-                components[name] = cls._from_config(cls.config_class.from_pretrained(path))
-        else:
-            with torch.device(device):
-                components[name] = cls.from_config(cls.load_config(path))
-    pipeline_class = getattr(diffusers, index["_class_name"])
-    extra = {"requires_safety_checker": False} if "requires_safety_checker" in index else {}
-    return pipeline_class(**components, **extra)
 
 
 def build_tiny(model: str):
@@ -292,6 +262,8 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     import torch
 
+    from trl_adaptive.tiny import random_pipeline
+
     torch.set_flush_denormal(True)
     cuda = torch.cuda.is_available() and not opts.tiny
     if not opts.tiny and not cuda:
@@ -306,7 +278,7 @@ def main(argv=None) -> int:
     }
 
     def pipeline_factory(model: str):
-        return build_tiny(model) if opts.tiny else build_pipeline(folders[model], device)
+        return build_tiny(model) if opts.tiny else random_pipeline(folders[model], device)
 
     cases = [c for c in CASES if not opts.cases or c.name in opts.cases]
     forward_tflop = {}

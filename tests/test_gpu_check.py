@@ -42,9 +42,11 @@ def test_gpu_check_builds_real_architectures_and_counts_their_flops(model, resol
     import torch
 
     sys.path.insert(0, str(SCRIPT.parent))
-    from gpu_check import build_pipeline, unet_forward_tflop
+    from gpu_check import unet_forward_tflop
 
-    pipeline = build_pipeline(str(MODEL_CONFIGS / model), "meta")
+    from trl_adaptive.tiny import random_pipeline
+
+    pipeline = random_pipeline(str(MODEL_CONFIGS / model), "meta")
     assert round(sum(p.numel() for p in pipeline.unet.parameters()) / 1e6) == params_m
     assert pipeline.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert unet_forward_tflop(pipeline, resolution, "meta", torch.bfloat16) == pytest.approx(tflop, rel=0.01)

@@ -1,6 +1,7 @@
-"""Tiny, offline building blocks: a byte-level CLIP tokenizer, a tiny SD pipeline and a toy preference set.
+"""Offline building blocks: a byte-level CLIP tokenizer, tiny SD/SDXL pipelines, a toy preference set, and
+random-weight pipelines of a real architecture read from a folder of configs (`random_pipeline`).
 
-Used by the tests, the built-in example and the benchmarks: nothing here downloads anything. The tokenizer has the
+Used by the tests, the built-in example, the benchmarks and the GPU check: nothing here downloads anything. The tokenizer has the
 real CLIP byte-level alphabet and special tokens but no merges (one token per character), which is enough to
 condition a tiny text encoder; real-sized pipelines should use the real tokenizer files
 (`CLIPTokenizer.from_pretrained(folder)`).
@@ -8,6 +9,7 @@ condition a tiny text encoder; real-sized pipelines should use the real tokenize
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -214,3 +216,37 @@ def toy_preference_dataset(num_pairs: int = 32, size: int = 32, seed: int = 0, s
             }
         )
     return Dataset.from_list(rows)
+
+
+def random_pipeline(folder: str, device="cpu", seed: int | None = None):
+    """A pipeline with the architecture of `folder` (a diffusers model folder holding configs and tokenizer files but
+    no weights, such as `../shared/model-configs/sd15`) and random weights, built directly on `device` (`"meta"`
+    builds shapes only, for counting parameters and FLOPs). Tokenizers and schedulers are read from their files."""
+    import diffusers
+
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    if seed is not None:
+        torch.manual_seed(seed)
+    components, init_kwargs = {}, {}
+    for name, spec in index.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(spec, list):  # pipeline options such as requires_safety_checker
+            init_kwargs[name] = spec
+            continue
+        library, class_name = spec
+        if library is None or class_name is None:
+            components[name] = None
+            continue
+        cls = getattr(importlib.import_module(library), class_name)
+        path = os.path.join(folder, name)
+        if "Tokenizer" in class_name or "Scheduler" in class_name:
+            components[name] = cls.from_pretrained(path)
+        else:
+            with torch.device(device):
+                if library == "transformers":
+                    components[name] = cls._from_config(cls.config_class.from_pretrained(path))
+                else:
+                    components[name] = cls.from_config(cls.load_config(path))
+    return getattr(diffusers, index["_class_name"])(**components, **init_kwargs)
