@@ -233,6 +233,10 @@ class AdaptiveDPOConfig(TrainingArguments):
             if value not in allowed:
                 raise ValueError(f"AdaptiveDPOConfig.{name}={value!r} is not valid; allowed values: {sorted(allowed)}")
 
+        def require(name, ok, requirement):
+            if not ok:
+                raise ValueError(f"AdaptiveDPOConfig.{name} must be {requirement}, got {getattr(self, name)}")
+
         check_choice("loss_type", PREFERENCE_LOSSES)
         check_choice("weight_fn", WEIGHT_FUNCTIONS)
         check_choice("margin", MARGIN_POWERS)
@@ -241,32 +245,18 @@ class AdaptiveDPOConfig(TrainingArguments):
         check_choice("minority_evidence", MINORITY_EVIDENCE)
         if self.minority_filter != "none" and self.minority_evidence == "score" and not self.adaptive:
             raise ValueError("AdaptiveDPOConfig.minority_evidence='score' needs adaptive=True (u comes from the annotators)")
-        if not 0.0 <= self.minority_evidence_decay < 1.0:
-            raise ValueError(
-                f"AdaptiveDPOConfig.minority_evidence_decay must be in [0, 1) (0: plain mean), got {self.minority_evidence_decay}"
-            )
-        if not 0.0 <= self.minority_filter_fraction < 1.0:
-            raise ValueError(
-                f"AdaptiveDPOConfig.minority_filter_fraction must be in [0, 1), got {self.minority_filter_fraction}"
-            )
-        if not 0.0 < self.minority_filter_max_fraction <= 1.0:
-            raise ValueError(
-                f"AdaptiveDPOConfig.minority_filter_max_fraction must be in (0, 1], got {self.minority_filter_max_fraction}"
-            )
-        if self.minority_filter_min_separation < 0:
-            raise ValueError(
-                f"AdaptiveDPOConfig.minority_filter_min_separation must be >= 0, got {self.minority_filter_min_separation}"
-            )
+        require("minority_evidence_decay", 0.0 <= self.minority_evidence_decay < 1.0, "in [0, 1) (0: plain mean)")
+        require("minority_filter_fraction", 0.0 <= self.minority_filter_fraction < 1.0, "in [0, 1)")
+        require("minority_filter_max_fraction", 0.0 < self.minority_filter_max_fraction <= 1.0, "in (0, 1]")
+        require("minority_filter_min_separation", self.minority_filter_min_separation >= 0, ">= 0")
         check_choice("latent_sampling", LATENT_SAMPLING)
         if self.cache_dir is not None and self.random_crop:
             raise ValueError(
                 "AdaptiveDPOConfig.random_crop=True cannot be used with cache_dir: cached latents are computed once from "
                 "a centre crop. Set random_crop=False (random_flip is supported) or cache_dir=None."
             )
-        if not self.beta > 0:
-            raise ValueError(f"AdaptiveDPOConfig.beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"AdaptiveDPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        require("beta", self.beta > 0, "> 0")
+        require("label_smoothing", 0.0 <= self.label_smoothing < 0.5, "in [0, 0.5)")
         if self.label_smoothing > 0 and self.loss_type not in ("sigmoid", "robust"):
             raise ValueError(
                 f"AdaptiveDPOConfig.label_smoothing applies to loss_type 'sigmoid' or 'robust', not {self.loss_type!r}"
@@ -275,24 +265,16 @@ class AdaptiveDPOConfig(TrainingArguments):
         for decay in self.annotator_decays:
             if not 0.0 <= decay < 1.0:
                 raise ValueError(f"AdaptiveDPOConfig.annotator_decays entries must be in [0, 1), got {decay}")
-        if self.annotator_interval < 1:
-            raise ValueError(f"AdaptiveDPOConfig.annotator_interval must be >= 1, got {self.annotator_interval}")
-        if self.metric_rho <= 0:
-            raise ValueError(f"AdaptiveDPOConfig.metric_rho must be > 0, got {self.metric_rho}")
+        require("annotator_interval", self.annotator_interval >= 1, ">= 1")
+        require("metric_rho", self.metric_rho > 0, "> 0")
         for name in ("metric_warmup_steps", "minority_filter_warmup_steps", "minority_filter_min_visits",
                      "minority_evidence_draws"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"AdaptiveDPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+            require(name, getattr(self, name) >= 0, ">= 0")
         if self.weight_intercept <= 0 and self.weight_fn in ("linear", "quadratic"):
             raise ValueError("AdaptiveDPOConfig.weight_intercept must be > 0 for weight_fn 'linear'/'quadratic'")
-        if self.weight_scale < 0:
-            raise ValueError(f"AdaptiveDPOConfig.weight_scale must be >= 0, got {self.weight_scale}")
-        if self.resolution <= 0 or self.resolution % 8:
-            raise ValueError(f"AdaptiveDPOConfig.resolution must be a positive multiple of 8, got {self.resolution}")
-        if not 0.0 <= self.empty_prompt_probability <= 1.0:
-            raise ValueError(
-                f"AdaptiveDPOConfig.empty_prompt_probability must be in [0, 1], got {self.empty_prompt_probability}"
-            )
+        require("weight_scale", self.weight_scale >= 0, ">= 0")
+        require("resolution", self.resolution > 0 and self.resolution % 8 == 0, "a positive multiple of 8")
+        require("empty_prompt_probability", 0.0 <= self.empty_prompt_probability <= 1.0, "in [0, 1]")
         if self.remove_unused_columns:
             raise ValueError("AdaptiveDPOConfig.remove_unused_columns must be False (the collator needs raw columns)")
         super().__post_init__()
