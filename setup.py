@@ -11,7 +11,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.32",
-        "transformers>=4.46",
+        "transformers>=5.23",  # activation_checkpointing in TrainingArguments
         "accelerate>=1.0",
         "datasets>=3.0",
         "peft>=0.14",

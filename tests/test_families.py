@@ -108,6 +108,16 @@ def test_condition_gives_pair_rows_a_real_forward_accepts(case, batch):
         assert not torch.allclose(other, prediction)
 
 
+def test_sampled_timesteps_respect_min_noise_and_noise_level_is_their_fraction(case):
+    build, _, _ = case
+    family = family_for(build())
+    generator = torch.Generator().manual_seed(0)
+    everywhere = family.sample_timesteps(4000, "cpu", generator=generator)
+    noisy = family.sample_timesteps(4000, "cpu", generator=generator, min_noise=0.75)
+    assert family.noise_level(everywhere).min() < 0.05 and family.noise_level(everywhere).max() > 0.95
+    assert family.noise_level(noisy).min() >= 0.75 and family.noise_level(noisy).max() < 1.0
+
+
 def test_target_follows_prediction_type(case):
     build, _, prediction_type = case
     family = family_for(build())

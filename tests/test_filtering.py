@@ -93,6 +93,35 @@ def test_pair_history_plain_mean_counts_visits_not_votes(tmp_path):
     assert restored.mean(torch.tensor([0])).item() == pytest.approx(2 / 3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pair_history_answers_on_the_device_of_the_rows():
+    # The history lives on the CPU; the filter combines its answers with masks on the batch's device (a mismatch
+    # crashed the filter on the first GPU run).
+    from trl_adaptive.filtering import minority_keep_mask
+    from trl_adaptive.history import PairHistory
+
+    history = PairHistory(4)
+    history.record(torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    history.record(torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    rows = torch.tensor([0, 1, 2, 3], device="cuda")
+    means, visits = history.mean(rows), history.visit_counts(rows)
+    assert means.device == visits.device == rows.device
+    keep = minority_keep_mask(means, visits, history.means_with_visits(2).float(), "top_fraction", fraction=0.25,
+                              min_visits=2)
+    assert keep.tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_pair_history_ignores_invalid_votes_and_does_not_visit_rows_without_one():
+    from trl_adaptive.history import PairHistory
+
+    history = PairHistory(3, decay=0.5)
+    history.record(torch.tensor([0, 1]), torch.tensor([1.0, 1.0]))
+    # Row 0: one valid vote of two; row 1: no valid vote (not visited, nothing decays); row 2: one valid vote.
+    history.record(torch.tensor([0, 1, 0, 2]), torch.tensor([0.0, 0.0, 1.0, 0.0]), torch.tensor([True, False, False, True]))
+    assert history.visits.tolist() == [2, 1, 1]
+    assert history.mean(torch.tensor([0, 1, 2])).tolist() == pytest.approx([0.5 / 1.5, 1.0, 0.0])
+
+
 def test_pair_history_decay_weights_recent_visits_more():
     from trl_adaptive.history import PairHistory
 

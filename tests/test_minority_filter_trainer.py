@@ -15,6 +15,7 @@ def test_filter_records_evidence_and_drops_pairs(tmp_path):
         learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=3, logging_steps=1, use_cpu=True,
         minority_filter="top_fraction", minority_evidence="wrong_sign", minority_evidence_draws=1,
         minority_filter_fraction=0.5, minority_filter_warmup_steps=1, minority_filter_min_visits=1,
+        minority_evidence_min_noise=0.0,  # every draw votes (the noisy-timestep gate has its own test below)
     )
     trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(8))
     trainer.train()
@@ -45,3 +46,32 @@ def test_filter_on_the_paper_score_shares_the_decayed_history(tmp_path):
     # 4 pairs, one per row, visited on both steps (batch 4 = the whole dataset): weights 0.5 + 1.
     assert trainer.pair_history.visits.tolist() == [2, 2, 2, 2]
     assert torch.allclose(trainer.pair_history.weight, torch.full((4,), 1.5, dtype=torch.float64))
+
+
+def test_noisy_timestep_evidence_gates_the_training_draw_and_moves_the_extra_draws(tmp_path, monkeypatch):
+    torch.set_flush_denormal(True)
+    # The tiny scheduler has 1000 timesteps: min_noise 0.9 keeps t in [900, 1000).
+    seen = []
+    original = AdaptiveDiffusionDPOTrainer.pair_forward
+
+    def spy(self, model, inputs, draw=0, min_noise=0.0):
+        out = original(self, model, inputs, draw=draw, min_noise=min_noise)
+        seen.append((draw, out["timesteps"].clone()))
+        return out
+
+    monkeypatch.setattr(AdaptiveDiffusionDPOTrainer, "pair_forward", spy)
+    args = AdaptiveDPOConfig(
+        output_dir=str(tmp_path), adaptive=False, max_steps=3, per_device_train_batch_size=8, resolution=32,
+        report_to=[], save_strategy="no", use_cpu=True, minority_filter="top_fraction", minority_evidence_draws=1,
+        minority_evidence_min_noise=0.9, minority_filter_min_visits=1, minority_evidence_decay=0.0,
+    )
+    trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(8))
+    trainer.train()
+    training = torch.stack([t for draw, t in seen if draw == 0])  # (3 steps, 8 pairs), uniform over [0, 1000)
+    extra = torch.cat([t for draw, t in seen if draw == 1])
+    assert (extra >= 900).all() and len(extra) == 24
+    assert (training < 900).any()
+    # Every visit has its extra vote; the training draw's vote counts only where its timestep is >= 900.
+    history = trainer.evidence_history
+    assert history.visits.tolist() == [3] * 8
+    assert float(history.weight.sum()) == 24 + int((training >= 900).sum())

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig
 
 from trl_adaptive import AdaptiveDPOConfig, AdaptiveDiffusionDPOTrainer

@@ -30,8 +30,12 @@ class PairHistory:
         self.weight = torch.zeros(num_rows, dtype=torch.float64)  # (weighted) number of records; = visits if no decay
         self.visits = torch.zeros(num_rows, dtype=torch.long)
 
-    def record(self, rows: torch.Tensor, scores: torch.Tensor) -> None:
-        """Record one visit of each row (a row listed twice adds two records to the same visit)."""
+    def record(self, rows: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Record one visit of each row (a row listed twice adds two records to the same visit). Entries where
+        `valid` is False are ignored; a row with no valid entry is not visited (no decay, no visit counted)."""
+        if valid is not None:
+            valid = valid.detach().bool().cpu()
+            rows, scores = rows.detach().cpu()[valid], scores.detach().cpu()[valid]
         rows = rows.detach().long().cpu()
         visited = rows.unique()
         if self.decay:
@@ -42,12 +46,12 @@ class PairHistory:
         self.visits.index_add_(0, visited, torch.ones_like(visited))
 
     def mean(self, rows: torch.Tensor) -> torch.Tensor:
-        """Mean recorded score of each row; 0 for rows never scored (a neutral weight of 1 / c)."""
-        rows = rows.detach().long().cpu()
-        weight = self.weight[rows]
-        return (self.total[rows] / weight.clamp_min(1e-12)).float().to(rows.device)
+        """Mean recorded score of each row (on the device of `rows`); 0 for rows never scored (a neutral weight of 1 / c)."""
+        device, rows = rows.device, rows.detach().long().cpu()
+        return (self.total[rows] / self.weight[rows].clamp_min(1e-12)).float().to(device)
 
     def visit_counts(self, rows: torch.Tensor) -> torch.Tensor:
+        """Visits of each row (on the device of `rows`)."""
         return self.visits[rows.detach().long().cpu()].to(rows.device)
 
     def means_with_visits(self, min_visits: int = 1) -> torch.Tensor:

@@ -43,9 +43,10 @@ def pair_generators(
 
 
 def pair_noise_and_timesteps(
-    family, generators: list[torch.Generator], latents_shape: torch.Size, device, dtype
+    family, generators: list[torch.Generator], latents_shape: torch.Size, device, dtype, min_noise: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise of shape `latents_shape` (one row per pair) and one timestep per pair, each row from its generator."""
+    """Noise of shape `latents_shape` (one row per pair) and one timestep per pair, each row from its generator
+    (timesteps from the noisiest `1 - min_noise` share of the schedule)."""
     noise = randn_tensor(tuple(latents_shape), generator=generators, device=torch.device(device), dtype=dtype)
-    timesteps = torch.cat([family.sample_timesteps(1, device, generator=g) for g in generators])
+    timesteps = torch.cat([family.sample_timesteps(1, device, generator=g, min_noise=min_noise) for g in generators])
     return noise, timesteps

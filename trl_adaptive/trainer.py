@@ -274,22 +274,25 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 predictions.append(self.family.predict(as_annotator, noisy, timesteps, conditioning))
             return reference, predictions
 
-    def pair_forward(self, model, inputs, draw: int = 0) -> dict[str, torch.Tensor]:
+    def pair_forward(self, model, inputs, draw: int = 0, min_noise: float = 0.0) -> dict[str, torch.Tensor]:
         """Policy, reference and annotator denoising errors of each pair on shared noise and timestep.
 
         Each pair's randomness (VAE posterior samples, noise, timestep) comes from its own generator keyed by
         (seed, step, row_index), so it is the same on any number of processes (`trl_adaptive.noise`).
 
-        Returns ``policy_errors`` and ``reference_errors`` of shape (2B,) (winners first) and ``logits`` of shape
-        (K, B): row 0 is the current model (with gradient), rows 1.. the EMA annotators (detached).
+        Returns ``policy_errors`` and ``reference_errors`` of shape (2B,) (winners first), ``logits`` of shape
+        (K, B): row 0 is the current model (with gradient), rows 1.. the EMA annotators (detached), and each pair's
+        ``timesteps`` (B,). ``draw`` > 0 and ``min_noise`` serve the minority filter's extra evidence draws.
         """
         family = self.family
         step, purpose = (self.state.global_step, TRAIN) if model.training else (0, EVAL)
         generators = pair_generators(self.args.seed, step, inputs["row_index"], self.args.device, purpose, draw)
         latents = family.pair_latents(inputs, generator=generators)  # one VAE call for both images of every pair
         chosen = latents[: latents.shape[0] // 2]
-        noise, timesteps = pair_noise_and_timesteps(family, generators, chosen.shape, chosen.device, chosen.dtype)
-        noise, timesteps = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
+        noise, pair_timesteps = pair_noise_and_timesteps(
+            family, generators, chosen.shape, chosen.device, chosen.dtype, min_noise=min_noise
+        )
+        noise, timesteps = torch.cat([noise, noise]), torch.cat([pair_timesteps, pair_timesteps])
         noisy = family.add_noise(latents, noise, timesteps)
         target = family.target(latents, noise, timesteps)
         # Denoiser inputs in the training dtype: DeepSpeed runs bf16/fp16 weights without autocast.
@@ -307,7 +310,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         for prediction in annotators:
             errors = denoising_error(prediction, target)
             logits.append(dpo_logits(*errors.chunk(2), *reference_errors.chunk(2)))
-        return {"policy_errors": policy_errors, "reference_errors": reference_errors, "logits": logits}
+        return {"policy_errors": policy_errors, "reference_errors": reference_errors, "logits": logits,
+                "timesteps": pair_timesteps}
 
     def _metric_active(self) -> bool:
         return self.args.adaptive and self.state.global_step >= self.args.metric_warmup_steps
@@ -362,7 +366,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             annotator_logits = torch.stack([x.detach() for x in out["logits"]])
             u = self.minority_scores(annotator_logits, inputs, training=mode == "train")
             weights, margins = self.adaptive_terms(u, logits)
-        keep = self.minority_filter_mask(logits, inputs) if mode == "train" else None
+        keep = self.minority_filter_mask(out, inputs) if mode == "train" else None
         if keep is not None:
             weights = keep if weights is None else weights * keep
         losses = preference_loss(logits, self.args.beta, self.args.loss_type, self.args.label_smoothing, weights, margins)
@@ -372,24 +376,31 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         loss = losses.mean()
         return (loss, out) if return_outputs else loss
 
-    def minority_filter_mask(self, logits: torch.Tensor, inputs) -> torch.Tensor | None:
+    def minority_filter_mask(self, out: dict, inputs) -> torch.Tensor | None:
         """The minority filter (docs/minority_filter.md): record this visit's evidence, then 0 for pairs judged minority."""
         args = self.args
         if self.evidence_history is None:
             return None
+        logits = out["logits"][0]
         rows = inputs["row_index"]
         if args.minority_evidence != "score":  # `score` is recorded by minority_scores into the same history
+            min_noise = args.minority_evidence_min_noise
+            # The training draw's timestep is uniform: it votes only when it is noisy enough.
             draws = [logits.detach()]
+            valid = [self.family.noise_level(out["timesteps"]) >= min_noise]
             if args.minority_evidence_draws:  # extra noise/timestep draws of the same pairs: a less noisy vote
                 with torch.no_grad():
-                    extra = range(1, args.minority_evidence_draws + 1)
-                    draws += [self.pair_forward(self.model, inputs, draw=d)["logits"][0] for d in extra]
+                    for d in range(1, args.minority_evidence_draws + 1):
+                        draws.append(self.pair_forward(self.model, inputs, draw=d, min_noise=min_noise)["logits"][0])
+                        valid.append(torch.ones_like(valid[0]))
             if args.minority_evidence == "logit":
                 evidence = [logit_evidence(draw, self._global_mean(draw.pow(2)).sqrt()) for draw in draws]
             else:
                 evidence = [wrong_sign_evidence(draw) for draw in draws]
             # One visit: all its draws in one record (one decay step, one visit counted).
-            self.evidence_history.record(self._gather(rows.repeat(len(draws))), self._gather(torch.cat(evidence)))
+            self.evidence_history.record(
+                self._gather(rows.repeat(len(draws))), self._gather(torch.cat(evidence)), self._gather(torch.cat(valid))
+            )
         if self.state.global_step < args.minority_filter_warmup_steps:
             return None
         keep = minority_keep_mask(

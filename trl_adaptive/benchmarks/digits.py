@@ -116,7 +116,8 @@ FILTER_OVERRIDES: dict = {
     "minority_evidence": "wrong_sign",
     "minority_evidence_draws": 2,
     "minority_evidence_decay": 0.9,
-    "minority_filter_fraction": 0.2,
+    "minority_evidence_min_noise": 0.7,
+    "minority_filter_fraction": 0.3,
     "minority_filter_min_visits": 2,
 }
 #: Share of the fine-tuning steps spent gathering evidence before the filter drops anything.
@@ -280,8 +281,6 @@ def load_base(folder: str):
 
 def load_or_pretrain_base(cache_dir: str, settings: BenchmarkSettings, real_images, real_labels, progress: bool):
     """The cached base pipeline for these pretraining settings, pretraining (and caching) it when missing."""
-    from diffusers import StableDiffusionPipeline
-
     phases = "-".join(f"{steps}x{batch}" for steps, batch in settings.pretrain_phases)
     folder = os.path.join(cache_dir, f"{BASE_MODEL_VERSION}-{phases}")
     if os.path.isfile(os.path.join(folder, "model_index.json")):
@@ -415,8 +414,6 @@ def _recording_trainer_class():
 def train_method(base_folder: str, dataset, method: str, flip_rate: float, settings: BenchmarkSettings, seed: int,
                  work_dir: str):
     """Fine-tune the base UNet with one method; returns (trained UNet, per-visit diagnostics, wall seconds)."""
-    from diffusers import StableDiffusionPipeline
-
     from transformers import PrinterCallback
 
     from ..config import AdaptiveDPOConfig

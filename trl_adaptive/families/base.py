@@ -140,9 +140,15 @@ class DiffusionFamily(ABC):
         return self.encode_images(pixels, generator=generator + generator if isinstance(generator, list) else generator)
 
     # ---- forward process -------------------------------------------------------------------------------
-    def sample_timesteps(self, batch_size: int, device: torch.device, generator=None) -> torch.Tensor:
+    def sample_timesteps(self, batch_size: int, device: torch.device, generator=None, min_noise: float = 0.0) -> torch.Tensor:
+        """Uniform training timesteps; `min_noise` in [0, 1) keeps only the noisiest (1 - min_noise) share of them."""
         num = self.noise_scheduler.config.num_train_timesteps
-        return torch.randint(0, num, (batch_size,), device=device, generator=generator).long()
+        low = min(int(min_noise * num), num - 1)
+        return torch.randint(low, num, (batch_size,), device=device, generator=generator).long()
+
+    def noise_level(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Where each timestep lies in the noise schedule, as a fraction in [0, 1) (0: clean), the scale of `min_noise`."""
+        return timesteps.float() / self.noise_scheduler.config.num_train_timesteps
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.noise_scheduler.add_noise(latents, noise, timesteps)
