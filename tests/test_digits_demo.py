@@ -35,7 +35,37 @@ def test_quick_demo_writes_complete_outputs(tmp_path):
     assert 0.0 <= summary["adaptive@0.2"]["auroc_u_pair_mean"] <= 1.0
     assert len(summary["adaptive@0.2"]["flipped_share_by_u_decile"]) == 10
     table = (out / "results.md").read_text()
-    for label in digits.METHOD_LABELS.values():
-        assert label in table
+    for method in settings.methods:
+        assert digits.METHOD_LABELS[method] in table
     # The base model was cached: a second call would reuse this folder.
     assert os.path.isfile(os.path.join(report["base_model"], "model_index.json"))
+
+
+@pytest.mark.parametrize("shares", [(1.0, 0.0), (0.5, 0.25)])
+def test_diagnostic_drops_follow_the_labels_from_the_given_step(tmp_path, shares):
+    # oracle_late (1, 0) and matched_random: from `truth_filter_from`, a fixed random share of the flipped and of the
+    # clean pairs gets weight 0, the same rows at every step.
+    import torch
+
+    from trl_adaptive import AdaptiveDPOConfig
+    from trl_adaptive.data import flip_labels, prepare_preference_dataset
+    from trl_adaptive.tiny import tiny_sd_pipeline, toy_preference_dataset
+
+    torch.set_flush_denormal(True)
+    pairs, _ = prepare_preference_dataset(toy_preference_dataset(16, schema="trl"))
+    pairs = flip_labels(pairs, 0.5, seed=0)
+    args = AdaptiveDPOConfig(output_dir=str(tmp_path), adaptive=False, max_steps=3, per_device_train_batch_size=16,
+                             resolution=32, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    trainer = digits._recording_trainer_class()(tiny_sd_pipeline(), args=args, train_dataset=pairs, truth_filter_from=1,
+                                                truth_drop_shares=shares)
+    trainer.train()
+    flipped = torch.tensor(list(pairs["flipped"]))
+    rows = torch.tensor(list(pairs["row_index"]))
+    u = trainer.row_uniforms[rows]
+    expected_flipped = float((u[flipped] < shares[0]).float().mean())
+    expected_clean = float((u[~flipped] < shares[1]).float().mean())
+    logs = [log for log in trainer.state.log_history if "minority/flipped_dropped" in log]
+    assert len(logs) == 2  # steps 1 and 2, not step 0
+    for log in logs:
+        assert log["minority/flipped_dropped"] == pytest.approx(expected_flipped)
+        assert log["minority/clean_dropped"] == pytest.approx(expected_clean)

@@ -92,7 +92,7 @@ def quick_settings() -> BenchmarkSettings:
 
 #: AdaptiveDPOConfig overrides of each method (the shared ones, beta, lr, steps, batch, come from the settings).
 def method_overrides(method: str, flip_rate: float, train_steps: int = 0, filter_overrides: dict | None = None) -> dict:
-    if method in ("dpo", "oracle"):
+    if method in ("dpo", "oracle", "oracle_late", "matched_random"):
         return {"adaptive": False}
     if method == "cdpo":
         return {"adaptive": False, "label_smoothing": flip_rate}
@@ -131,7 +131,16 @@ METHOD_LABELS = {
     "filter": "minority filter (ours)",
     "filter_free": "minority filter, training draw only (ours)",
     "oracle": "oracle (flipped pairs removed)",
+    # Diagnostic, not in the default grid: the true labels drop every flipped pair, but only from the step where the
+    # minority filter starts dropping (after its warm-up): the ceiling of any filter that starts there.
+    "oracle_late": "oracle after the filter's warm-up (diagnostic)",
+    # Diagnostic: from the same step, drop a fixed random subset of the flipped pairs and of the clean pairs, at the
+    # shares the minority filter dropped (MATCHED_DROP_SHARES): the filter's counts, without its choice of pairs.
+    "matched_random": "random drops at the filter's rates (diagnostic)",
 }
+#: Shares of flipped / clean pairs the minority filter dropped after its warm-up, per flip rate (mean of the reported
+#: seeds 0-2 at commit 1e5822d, docs/results.md), used by the `matched_random` diagnostic.
+MATCHED_DROP_SHARES = {0.1: (0.78, 0.24), 0.2: (0.62, 0.22), 0.3: (0.54, 0.20)}
 
 
 def runs_for(settings: BenchmarkSettings) -> list[tuple[float, str]]:
@@ -139,7 +148,7 @@ def runs_for(settings: BenchmarkSettings) -> list[tuple[float, str]]:
     runs = []
     for rate in settings.flip_rates:
         for method in settings.methods:
-            if rate == 0.0 and method in ("cdpo", "oracle"):
+            if rate == 0.0 and method in ("cdpo", "oracle", "oracle_late", "matched_random"):
                 continue
             runs.append((rate, method))
     return runs
@@ -378,8 +387,12 @@ def _recording_trainer_class():
     from ..trainer import AdaptiveDiffusionDPOTrainer
 
     class RecordingTrainer(AdaptiveDiffusionDPOTrainer):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, truth_filter_from: int | None = None, truth_drop_shares=(1.0, 0.0), **kwargs):
             super().__init__(*args, **kwargs)
+            # Diagnostics: from step `truth_filter_from`, drop a fixed random share of the flipped / clean pairs.
+            self.truth_filter_from = truth_filter_from
+            self.truth_drop_shares = truth_drop_shares
+            self.row_uniforms = torch.rand(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed))
             self.visits = {"row": [], "step": [], "logit": [], "score": []}
             self.metric_history: dict[str, list[float]] = {}
 
@@ -393,6 +406,16 @@ def _recording_trainer_class():
                 self.visits["score"].append(score if score is not None else torch.full_like(out["logits"][0], float("nan")).cpu())
                 self._last_scores = None
             return (loss, out) if return_outputs else loss
+
+        def minority_filter_mask(self, out, inputs):
+            if self.truth_filter_from is None:
+                return super().minority_filter_mask(out, inputs)
+            if self.state.global_step < self.truth_filter_from:
+                return None
+            flipped = inputs["flipped"].bool().cpu()
+            u = self.row_uniforms[inputs["row_index"].long().cpu()]
+            drop = torch.where(flipped, u < self.truth_drop_shares[0], u < self.truth_drop_shares[1])
+            return (~drop).float().to(out["logits"][0].device)
 
         def minority_scores(self, annotator_logits, inputs, training):
             u = super().minority_scores(annotator_logits, inputs, training)
@@ -440,7 +463,11 @@ def train_method(base_folder: str, dataset, method: str, flip_rate: float, setti
         **overrides,
     )
     pipeline = load_base(base_folder)
-    trainer = _recording_trainer_class()(model=pipeline, args=args, train_dataset=dataset)
+    diagnostic = {}
+    if method in ("oracle_late", "matched_random"):
+        diagnostic["truth_filter_from"] = int(FILTER_WARMUP_SHARE * settings.train_steps)
+        diagnostic["truth_drop_shares"] = (1.0, 0.0) if method == "oracle_late" else MATCHED_DROP_SHARES[flip_rate]
+    trainer = _recording_trainer_class()(model=pipeline, args=args, train_dataset=dataset, **diagnostic)
     trainer.remove_callback(PrinterCallback)  # the benchmark prints its own one-line summary per run
     start = time.perf_counter()
     trainer.train()
