@@ -22,7 +22,6 @@ def main(argv=None):
     from sklearn.metrics import roc_auc_score
 
     from trl_adaptive.benchmarks import digits
-    from trl_adaptive.data import flip_labels
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=100, help="benchmark seed (validation seeds are 100..)")
@@ -34,36 +33,19 @@ def main(argv=None):
     torch.set_num_threads(1)
     digits._quiet_libraries()
 
-    settings = digits.BenchmarkSettings()
-    real_base, real_rater, labels_base, labels_rater = digits.split_digits()
-    rater = digits.DigitRater(real_rater, labels_rater, settings.rater_c)
-    base, folder = digits.load_or_pretrain_base(args.cache_dir, settings, real_base, labels_base, progress=False)
-    pairs, _ = digits.build_pairs(base, rater, settings, args.seed)
-    dataset = flip_labels(pairs, args.flip_rate, seed=args.seed)
+    settings, base, folder, dataset = digits.flipped_pair_set(args.seed, args.flip_rate, args.cache_dir)
     flipped = np.asarray(list(dataset["flipped"]), dtype=bool)
     half = np.arange(len(dataset)) % 2
-
-    def pixels(images):
-        return torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1 for i in images])
-
-    chosen, rejected = pixels(list(dataset["chosen"])), pixels(list(dataset["rejected"]))
-    embeds = digits.encode_prompts(base, list(dataset["prompt"]))
-    reference, scheduler = base.unet.eval(), base.scheduler
+    pair_logits = digits.PairLogits(base, dataset)
+    num_timesteps = base.scheduler.config.num_train_timesteps
     generator = torch.Generator().manual_seed(1)
 
     def logits(policy, rows):
         draws = []
-        with torch.no_grad():
-            for _ in range(args.draws):
-                t = torch.randint(args.min_timestep, scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
-                noise = torch.randn((len(rows), *chosen.shape[1:]), generator=generator)
-
-                def error(unet, x):
-                    prediction = unet(scheduler.add_noise(x[rows], noise, t), t, encoder_hidden_states=embeds[rows]).sample
-                    return (prediction - noise).pow(2).mean(dim=(1, 2, 3))
-
-                draws.append(((error(reference, chosen) - error(reference, rejected))
-                              - (error(policy, chosen) - error(policy, rejected))).numpy())
+        for _ in range(args.draws):
+            t = torch.randint(args.min_timestep, num_timesteps, (len(rows),), generator=generator)
+            noise = torch.randn((len(rows), *pair_logits.chosen.shape[1:]), generator=generator)
+            draws.append(pair_logits(policy, rows, t, noise))
         return np.stack(draws)
 
     policies = {}

@@ -22,7 +22,6 @@ def main(argv=None):
     from sklearn.metrics import roc_auc_score
 
     from trl_adaptive.benchmarks import digits
-    from trl_adaptive.data import flip_labels
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=100, help="benchmark seed (validation seeds are 100..)")
@@ -36,48 +35,31 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     digits._quiet_libraries()
 
-    settings = digits.BenchmarkSettings()
-    real_base, real_rater, labels_base, labels_rater = digits.split_digits()
-    rater = digits.DigitRater(real_rater, labels_rater, settings.rater_c)
-    base, folder = digits.load_or_pretrain_base(args.cache_dir, settings, real_base, labels_base, progress=False)
-    pairs, _ = digits.build_pairs(base, rater, settings, args.seed)
-    dataset = flip_labels(pairs, args.flip_rate, seed=args.seed)
+    settings, base, folder, dataset = digits.flipped_pair_set(args.seed, args.flip_rate, args.cache_dir)
     with tempfile.TemporaryDirectory() as work_dir:
         policy, _, _ = digits.train_method(folder, dataset, args.method, args.flip_rate, settings, args.seed, work_dir)
-    reference, scheduler = base.unet.eval(), base.scheduler
     flipped = np.asarray(list(dataset["flipped"]), dtype=bool)
-
-    def pixels(images):
-        return torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1 for i in images])
-
-    chosen, rejected = pixels(list(dataset["chosen"])), pixels(list(dataset["rejected"]))
-    embeds = digits.encode_prompts(base, list(dataset["prompt"]))
-    num_timesteps = scheduler.config.num_train_timesteps
+    pair_logits = digits.PairLogits(base, dataset)
+    rows = np.arange(len(flipped))
+    num_timesteps = base.scheduler.config.num_train_timesteps
     generator = torch.Generator().manual_seed(1)
     print(f"seed {args.seed}, {args.flip_rate:.0%} flips, {len(flipped)} pairs, policy fine-tuned with {args.method}; "
           f"{args.draws} draws per band")
     print("| timesteps | per-draw AUROC of -l | per-draw AUROC of l < 0 | AUROC of mean -l | AUROC of share l < 0 | rms of l |")
     print("| --- | --- | --- | --- | --- | --- |")
     width = num_timesteps // args.bands
-    with torch.no_grad():
-        for low in range(0, num_timesteps, width):
-            logits = []
-            for _ in range(args.draws):
-                t = torch.randint(low, low + width, (len(flipped),), generator=generator)
-                noise = torch.randn(chosen.shape, generator=generator)
-
-                def error(unet, x):
-                    prediction = unet(scheduler.add_noise(x, noise, t), t, encoder_hidden_states=embeds).sample
-                    return (prediction - noise).pow(2).mean(dim=(1, 2, 3))
-
-                logits.append(((error(reference, chosen) - error(reference, rejected))
-                               - (error(policy, chosen) - error(policy, rejected))).numpy())
-            logits = np.stack(logits)
-            per_draw = np.mean([roc_auc_score(flipped, -d) for d in logits])
-            per_draw_sign = np.mean([roc_auc_score(flipped, d < 0) for d in logits])
-            print(f"| [{low}, {low + width}) | {per_draw:.3f} | {per_draw_sign:.3f} | "
-                  f"{roc_auc_score(flipped, -logits.mean(0)):.3f} | {roc_auc_score(flipped, (logits < 0).mean(0)):.3f} | "
-                  f"{np.sqrt((logits ** 2).mean()):.1e} |", flush=True)
+    for low in range(0, num_timesteps, width):
+        logits = []
+        for _ in range(args.draws):
+            t = torch.randint(low, low + width, (len(rows),), generator=generator)
+            noise = torch.randn(pair_logits.chosen.shape, generator=generator)
+            logits.append(pair_logits(policy, rows, t, noise))
+        logits = np.stack(logits)
+        per_draw = np.mean([roc_auc_score(flipped, -d) for d in logits])
+        per_draw_sign = np.mean([roc_auc_score(flipped, d < 0) for d in logits])
+        print(f"| [{low}, {low + width}) | {per_draw:.3f} | {per_draw_sign:.3f} | "
+              f"{roc_auc_score(flipped, -logits.mean(0)):.3f} | {roc_auc_score(flipped, (logits < 0).mean(0)):.3f} | "
+              f"{np.sqrt((logits ** 2).mean()):.1e} |", flush=True)
 
 
 if __name__ == "__main__":

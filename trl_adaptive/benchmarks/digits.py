@@ -392,7 +392,9 @@ def _recording_trainer_class():
             # Diagnostics: from step `truth_filter_from`, drop a fixed random share of the flipped / clean pairs.
             self.truth_filter_from = truth_filter_from
             self.truth_drop_shares = truth_drop_shares
-            self.row_uniforms = torch.rand(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed))
+            self.row_uniforms = None if truth_filter_from is None else torch.rand(
+                len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed)
+            )
             self.visits = {"row": [], "step": [], "logit": [], "score": []}
             self.metric_history: dict[str, list[float]] = {}
 
@@ -484,6 +486,49 @@ def train_method(base_folder: str, dataset, method: str, flip_rate: float, setti
     }
     unet = trainer.accelerator.unwrap_model(trainer.model).eval()
     return unet, visits, seconds
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring pairs outside training (benchmarks/evidence_by_timestep.py, benchmarks/cross_fitted_evidence.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def flipped_pair_set(seed: int, flip_rate: float, cache_dir: str):
+    """The pairs of `seed` with `flip_rate` of them flipped, as `trl-adaptive demo` builds them.
+
+    Returns (settings, base pipeline, base folder, dataset)."""
+    from ..data import flip_labels
+
+    settings = BenchmarkSettings()
+    real_base, real_rater, labels_base, labels_rater = split_digits()
+    rater = DigitRater(real_rater, labels_rater, settings.rater_c)
+    base, folder = load_or_pretrain_base(cache_dir, settings, real_base, labels_base, progress=False)
+    pairs, _ = build_pairs(base, rater, settings, seed)
+    return settings, base, folder, flip_labels(pairs, flip_rate, seed=seed)
+
+
+class PairLogits:
+    """Diffusion-DPO logits of a dataset's pairs for any fine-tuned UNet against the base UNet as reference, at
+    timesteps and noise the caller draws (the trainer's formula: `dpo_logits` of per-image `denoising_error`)."""
+
+    def __init__(self, base, dataset):
+        def pixels(images):
+            return torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1 for i in images])
+
+        self.chosen, self.rejected = pixels(list(dataset["chosen"])), pixels(list(dataset["rejected"]))
+        self.embeds = encode_prompts(base, list(dataset["prompt"]))
+        self.reference, self.scheduler = base.unet.eval(), base.scheduler
+
+    @torch.no_grad()
+    def __call__(self, policy, rows, timesteps: torch.Tensor, noise: torch.Tensor) -> np.ndarray:
+        from ..losses import denoising_error, dpo_logits
+
+        def error(unet, images):
+            noisy = self.scheduler.add_noise(images[rows], noise, timesteps)
+            return denoising_error(unet(noisy, timesteps, encoder_hidden_states=self.embeds[rows]).sample, noise)
+
+        return dpo_logits(error(policy, self.chosen), error(policy, self.rejected),
+                          error(self.reference, self.chosen), error(self.reference, self.rejected)).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------
