@@ -39,6 +39,18 @@ def test_keep_mask_top_fraction_and_min_visits():
     assert minority_keep_mask(batch_means, visits, all_means, "none").tolist() == [1.0] * 4
 
 
+def test_keep_mask_threshold_is_capped_by_max_fraction():
+    all_means = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    batch_means = torch.tensor([0.5, 0.75, 1.0, 0.9])
+    visits = torch.tensor([3, 3, 3, 1])
+    # Above 0.5 is dropped (0.5 itself is kept); the last pair has too few visits to be judged.
+    keep = minority_keep_mask(batch_means, visits, all_means, "threshold", threshold=0.5, min_visits=2)
+    assert keep.tolist() == [1.0, 0.0, 0.0, 1.0]
+    # At most 25% of the judged pairs: the cap is their 75% quantile, 0.75, which 0.75 itself does not exceed.
+    keep = minority_keep_mask(batch_means, visits, all_means, "threshold", threshold=0.5, min_visits=2, max_fraction=0.25)
+    assert keep.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
 def _two_clusters():
     low = [-0.1, -0.05, 0.0, 0.05, 0.1]  # mean 0, variance (0.01 + 0.0025 + 0 + 0.0025 + 0.01) / 5 = 0.005
     high = [4.9, 5.0, 5.1]  # mean 5, variance 0.02 / 3

@@ -75,3 +75,25 @@ def test_noisy_timestep_evidence_gates_the_training_draw_and_moves_the_extra_dra
     history = trainer.evidence_history
     assert history.visits.tolist() == [3] * 8
     assert float(history.weight.sum()) == 24 + int((training >= 900).sum())
+
+
+def test_threshold_rule_reaches_the_trainer(tmp_path):
+    torch.set_flush_denormal(True)
+
+    def kept_fractions(threshold, max_fraction, folder):
+        args = AdaptiveDPOConfig(
+            output_dir=str(folder), adaptive=False, max_steps=3, per_device_train_batch_size=4, resolution=32,
+            report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, minority_filter="threshold",
+            minority_filter_threshold=threshold, minority_filter_max_fraction=max_fraction,
+            minority_evidence="logit", minority_evidence_min_noise=0.0, minority_filter_min_visits=1,
+        )
+        trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(4))
+        trainer.train()
+        return [log["minority/kept_fraction"] for log in trainer.state.log_history if "minority/kept_fraction" in log]
+
+    # One batch = the whole dataset (4 pairs), judged at every step. At step 0 the policy is the reference, so every
+    # logit and every evidence value is 0 and none lies above the cap. Later the 4 values differ: none exceeds 1e9;
+    # all exceed -1e9, but the cap (max_fraction 1: the minimum's quantile) keeps the lowest, max_fraction 0.5 two.
+    assert kept_fractions(1e9, 1.0, tmp_path / "none") == [1.0] * 3
+    assert kept_fractions(-1e9, 1.0, tmp_path / "all") == [1.0, 0.25, 0.25]
+    assert kept_fractions(-1e9, 0.5, tmp_path / "half") == [1.0, 0.5, 0.5]

@@ -122,7 +122,8 @@ class AdaptiveDPOConfig(TrainingArguments):
         metadata={
             "help": "Drop (weight 0) the pairs whose evidence, averaged over their visits, says minority: `none` (off, "
             "the paper's method), `top_fraction` (the minority_filter_fraction of pairs with the highest mean "
-            "evidence), `mixture` (pairs in the upper component of a two-Gaussian mixture fitted to the mean "
+            "evidence), `threshold` (pairs whose mean evidence exceeds minority_filter_threshold; the flip rate need "
+            "not be known), `mixture` (pairs in the upper component of a two-Gaussian mixture fitted to the mean "
             "evidence; the flip rate need not be known). Works with adaptive True or False."
         },
     )
@@ -169,8 +170,15 @@ class AdaptiveDPOConfig(TrainingArguments):
                   "was chosen on the digits validation seeds). It drops that share on clean data too: on the digits "
                   "benchmark at 0 flips this helped on four seeds of five and cost much of the gain on the fifth."},
     )
+    minority_filter_threshold: float = field(
+        default=0.5,
+        metadata={"help": "`threshold` drops the pairs whose mean evidence exceeds this. With `wrong_sign` evidence, "
+                  "0.5 drops the pairs the model ranks against their label on most of their recent votes."},
+    )
     minority_filter_max_fraction: float = field(
-        default=0.5, metadata={"help": "`mixture` never drops more than this share of the judged pairs, in (0, 1]."}
+        default=0.3,
+        metadata={"help": "`threshold` and `mixture` never drop more than this share of the judged pairs, in (0, 1] "
+                  "(an assumed upper bound on the flip rate; 0.3 on the digits benchmark)."},
     )
     minority_filter_min_separation: float = field(
         default=2.0,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 #: Values of ``AdaptiveDPOConfig.minority_filter``.
-MINORITY_FILTERS = ("none", "top_fraction", "mixture")
+MINORITY_FILTERS = ("none", "top_fraction", "threshold", "mixture")
 #: Values of ``AdaptiveDPOConfig.minority_evidence``.
 MINORITY_EVIDENCE = ("logit", "wrong_sign", "score")
 
@@ -98,6 +98,7 @@ def minority_keep_mask(
     all_evidence_means: torch.Tensor,
     method: str,
     fraction: float = 0.0,
+    threshold: float = 0.5,
     min_visits: int = 1,
     max_fraction: float = 0.5,
     min_separation: float = 2.0,
@@ -109,16 +110,21 @@ def minority_keep_mask(
         all_evidence_means: mean evidence of every pair judged so far (>= ``min_visits`` visits), which sets the
             threshold: the top ``fraction`` (``top_fraction``) or the pairs whose posterior under the upper component
             of a two-Gaussian mixture exceeds 1/2 (``mixture``; the flip rate need not be known).
+        threshold: ``threshold`` drops the pairs whose mean evidence exceeds it (with ``wrong_sign`` evidence, 0.5:
+            ranked against their label on most of their recent votes); the flip rate need not be known.
         min_separation: ``mixture`` drops nothing unless the components' Ashman's D reaches this (a unimodal
             evidence distribution, as with no minority, is split by any mixture fit; this keeps it whole).
-        max_fraction: never drop more than this share of pairs (the mixture's threshold is raised to that quantile).
+        max_fraction: ``mixture`` and ``threshold`` never drop more than this share of pairs (their threshold is
+            raised to that quantile).
     Pairs with fewer than ``min_visits`` visits are always kept.
     """
     if method == "none" or all_evidence_means.numel() < 2:
         return torch.ones_like(evidence_means, dtype=torch.float32)
     if method == "top_fraction":
-        threshold = top_fraction_threshold(all_evidence_means, fraction)
+        drop = evidence_means.double() > top_fraction_threshold(all_evidence_means, fraction)
+    elif method == "threshold":
         drop = evidence_means.double() > threshold
+        drop &= evidence_means.double() > top_fraction_threshold(all_evidence_means, max_fraction)
     elif method == "mixture":
         mixture = two_gaussian_mixture(all_evidence_means)
         if mixture_separation(mixture) < min_separation:

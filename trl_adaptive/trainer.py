@@ -409,6 +409,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             self.evidence_history.means_with_visits(args.minority_filter_min_visits).float(),
             args.minority_filter,
             fraction=args.minority_filter_fraction,
+            threshold=args.minority_filter_threshold,
             min_visits=args.minority_filter_min_visits,
             max_fraction=args.minority_filter_max_fraction,
             min_separation=args.minority_filter_min_separation,

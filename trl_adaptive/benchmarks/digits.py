@@ -112,12 +112,13 @@ def method_overrides(method: str, flip_rate: float, train_steps: int = 0, filter
 #: The minority filter's settings, chosen on validation seeds (see docs/results.md for the sweep).
 FILTER_OVERRIDES: dict = {
     "adaptive": False,
-    "minority_filter": "top_fraction",
+    "minority_filter": "threshold",
+    "minority_filter_threshold": 0.5,
+    "minority_filter_max_fraction": 0.3,
     "minority_evidence": "wrong_sign",
     "minority_evidence_draws": 2,
     "minority_evidence_decay": 0.9,
     "minority_evidence_min_noise": 0.7,
-    "minority_filter_fraction": 0.3,
     "minority_filter_min_visits": 2,
 }
 #: Share of the fine-tuning steps spent gathering evidence before the filter drops anything.
