@@ -1,0 +1,67 @@
+"""How sure is a "gap closed" figure? A bootstrap over seeds for the digits benchmark's reports.
+
+Reads one or more `results.json` files written by `trl-adaptive demo` (later files override earlier ones run by
+run, so a rerun of some methods can be laid over an older report), keeps the seeds that have every run needed, and
+prints for each method and flip rate the share of the DPO-to-oracle gap it closes, as the ratio of seed means
+((method - DPO) / (oracle - DPO) of the mean gains, the figure docs/results.md reports), with a 95% percentile
+bootstrap interval from resampling whole seeds, and the same for the gain at 0% flips minus Diffusion-DPO's.
+
+    python benchmarks/gap_bootstrap.py docs/results/results.json docs/results/extra-seeds/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+
+def load_runs(paths: list[str]) -> dict[int, dict[str, float]]:
+    """Reward gain of every run, by seed and `method@rate` key."""
+    runs: dict[int, dict[str, float]] = {}
+    for path in paths:
+        with open(path) as f:
+            for entry in json.load(f)["per_seed"]:
+                gains = {key: run["reward_gain"] for key, run in entry["runs"].items()}
+                runs.setdefault(int(entry["seed"]), {}).update(gains)
+    return runs
+
+
+def gap_closed(method: np.ndarray, dpo: np.ndarray, oracle: np.ndarray) -> float:
+    return float((method.mean() - dpo.mean()) / (oracle.mean() - dpo.mean()))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", help="results.json files of trl-adaptive demo")
+    parser.add_argument("--methods", nargs="+", default=["filter", "filter_free", "adaptive"])
+    parser.add_argument("--resamples", type=int, default=10000)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's own random numbers")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.results)
+    rng = np.random.default_rng(args.seed)
+    print("| method | flips | seeds | gap closed (ratio of seed means) | 95% bootstrap interval |")
+    print("| --- | --- | --- | --- | --- |")
+    for method in args.methods:
+        for rate in (0.0, 0.1, 0.2, 0.3):
+            reference = "dpo" if rate == 0.0 else "oracle"
+            seeds = sorted(s for s, r in runs.items() if all(f"{m}@{rate}" in r for m in (method, "dpo", reference)))
+            if not seeds:
+                continue
+            table = np.array([[runs[s][f"{m}@{rate}"] for m in (method, "dpo", reference)] for s in seeds])
+            if rate == 0.0:  # no gap without flips: the gain over Diffusion-DPO instead
+                point = table[:, 0].mean() - table[:, 1].mean()
+                draws = [table[i, 0].mean() - table[i, 1].mean()
+                         for i in rng.integers(0, len(seeds), (args.resamples, len(seeds)))]
+                low, high = np.percentile(draws, [2.5, 97.5])
+                print(f"| {method} | 0% | {len(seeds)} | gain - DPO's: {point:+.4f} | [{low:+.4f}, {high:+.4f}] |")
+                continue
+            point = gap_closed(*table.T)
+            draws = [gap_closed(*table[i].T) for i in rng.integers(0, len(seeds), (args.resamples, len(seeds)))]
+            low, high = np.percentile(draws, [2.5, 97.5])
+            print(f"| {method} | {rate:.0%} | {len(seeds)} | {point:.0%} | [{low:.0%}, {high:.0%}] |")
+
+
+if __name__ == "__main__":
+    main()
