@@ -41,12 +41,8 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(1)
 
     def logits(policy, rows):
-        draws = []
-        for _ in range(args.draws):
-            t = torch.randint(args.min_timestep, num_timesteps, (len(rows),), generator=generator)
-            noise = torch.randn((len(rows), *pair_logits.chosen.shape[1:]), generator=generator)
-            draws.append(pair_logits(policy, rows, t, noise))
-        return np.stack(draws)
+        return np.stack([pair_logits.sample(policy, rows, args.min_timestep, num_timesteps, generator)
+                         for _ in range(args.draws)])
 
     policies = {}
     for h in (0, 1):

@@ -32,6 +32,10 @@ def gap_closed(method: np.ndarray, dpo: np.ndarray, oracle: np.ndarray) -> float
     return float((method.mean() - dpo.mean()) / (oracle.mean() - dpo.mean()))
 
 
+def gain_over_dpo(method: np.ndarray, dpo: np.ndarray, _reference: np.ndarray) -> float:
+    return float(method.mean() - dpo.mean())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="results.json files of trl-adaptive demo")
@@ -50,18 +54,15 @@ def main(argv=None):
             if not seeds:
                 continue
             table = np.array([[runs[s][f"{m}@{rate}"] for m in (method, "dpo", reference)] for s in seeds])
-            if rate == 0.0:  # no gap without flips: the gain over Diffusion-DPO instead
-                point = table[:, 0].mean() - table[:, 1].mean()
-                draws = [table[i, 0].mean() - table[i, 1].mean()
-                         for i in rng.integers(0, len(seeds), (args.resamples, len(seeds)))]
-                low, high = np.percentile(draws, [2.5, 97.5])
-                print(f"| {method} | 0% | {len(seeds)} | gain - DPO's: {point:+.4f} | [{low:+.4f}, {high:+.4f}] |")
-                continue
-            point = gap_closed(*table.T)
-            draws = [gap_closed(*table[i].T) for i in rng.integers(0, len(seeds), (args.resamples, len(seeds)))]
+            # No gap without flips: at 0% the statistic is the gain over Diffusion-DPO instead.
+            statistic = gain_over_dpo if rate == 0.0 else gap_closed
+            point = statistic(*table.T)
+            draws = [statistic(*table[i].T) for i in rng.integers(0, len(seeds), (args.resamples, len(seeds)))]
             low, high = np.percentile(draws, [2.5, 97.5])
-            print(f"| {method} | {rate:.0%} | {len(seeds)} | {point:.0%} | [{low:.0%}, {high:.0%}] |")
-
+            if rate == 0.0:
+                print(f"| {method} | 0% | {len(seeds)} | gain - DPO's: {point:+.4f} | [{low:+.4f}, {high:+.4f}] |")
+            else:
+                print(f"| {method} | {rate:.0%} | {len(seeds)} | {point:.0%} | [{low:.0%}, {high:.0%}] |")
 
 if __name__ == "__main__":
     main()

@@ -120,19 +120,19 @@ def minority_keep_mask(
     """
     if method == "none" or all_evidence_means.numel() < 2:
         return torch.ones_like(evidence_means, dtype=torch.float32)
+    means = evidence_means.double()
     if method == "top_fraction":
-        drop = evidence_means.double() > top_fraction_threshold(all_evidence_means, fraction)
+        drop = means > top_fraction_threshold(all_evidence_means, fraction)
     elif method == "threshold":
-        drop = evidence_means.double() > threshold
-        drop &= evidence_means.double() > top_fraction_threshold(all_evidence_means, max_fraction)
+        drop = means > threshold
     elif method == "mixture":
         mixture = two_gaussian_mixture(all_evidence_means)
         if mixture_separation(mixture) < min_separation:
             return torch.ones_like(evidence_means, dtype=torch.float32)
         drop = mixture_minority_posterior(evidence_means, mixture) > 0.5
-        cap = top_fraction_threshold(all_evidence_means, max_fraction)
-        drop &= evidence_means.double() > cap
     else:
         raise ValueError(f"unknown minority filter {method!r}; allowed: {list(MINORITY_FILTERS)}")
+    if method != "top_fraction":  # the rules that do not fix the share themselves are capped at max_fraction
+        drop &= means > top_fraction_threshold(all_evidence_means, max_fraction)
     drop &= visits >= min_visits
     return (~drop).float()

@@ -33,15 +33,15 @@ class PairHistory:
     def record(self, rows: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Record one visit of each row (a row listed twice adds two records to the same visit). Entries where
         `valid` is False are ignored; a row with no valid entry is not visited (no decay, no visit counted)."""
+        rows, scores = rows.detach().long().cpu(), scores.detach().double().cpu()
         if valid is not None:
             valid = valid.detach().bool().cpu()
-            rows, scores = rows.detach().cpu()[valid], scores.detach().cpu()[valid]
-        rows = rows.detach().long().cpu()
+            rows, scores = rows[valid], scores[valid]
         visited = rows.unique()
         if self.decay:
             self.total[visited] *= self.decay
             self.weight[visited] *= self.decay
-        self.total.index_add_(0, rows, scores.detach().double().cpu())
+        self.total.index_add_(0, rows, scores)
         self.weight.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float64))
         self.visits.index_add_(0, visited, torch.ones_like(visited))
 

@@ -90,9 +90,13 @@ def quick_settings() -> BenchmarkSettings:
     )
 
 
+#: Diagnostic methods (not in the default grid): Diffusion-DPO whose pairs are dropped by their true labels.
+DIAGNOSTIC_METHODS = ("oracle_late", "matched_random")
+
+
 #: AdaptiveDPOConfig overrides of each method (the shared ones, beta, lr, steps, batch, come from the settings).
 def method_overrides(method: str, flip_rate: float, train_steps: int = 0, filter_overrides: dict | None = None) -> dict:
-    if method in ("dpo", "oracle", "oracle_late", "matched_random"):
+    if method in ("dpo", "oracle", *DIAGNOSTIC_METHODS):
         return {"adaptive": False}
     if method == "cdpo":
         return {"adaptive": False, "label_smoothing": flip_rate}
@@ -149,7 +153,7 @@ def runs_for(settings: BenchmarkSettings) -> list[tuple[float, str]]:
     runs = []
     for rate in settings.flip_rates:
         for method in settings.methods:
-            if rate == 0.0 and method in ("cdpo", "oracle", "oracle_late", "matched_random"):
+            if rate == 0.0 and method in ("cdpo", "oracle", *DIAGNOSTIC_METHODS):
                 continue
             runs.append((rate, method))
     return runs
@@ -467,7 +471,7 @@ def train_method(base_folder: str, dataset, method: str, flip_rate: float, setti
     )
     pipeline = load_base(base_folder)
     diagnostic = {}
-    if method in ("oracle_late", "matched_random"):
+    if method in DIAGNOSTIC_METHODS:
         diagnostic["truth_filter_from"] = int(FILTER_WARMUP_SHARE * settings.train_steps)
         diagnostic["truth_drop_shares"] = (1.0, 0.0) if method == "oracle_late" else MATCHED_DROP_SHARES[flip_rate]
     trainer = _recording_trainer_class()(model=pipeline, args=args, train_dataset=dataset, **diagnostic)
@@ -530,6 +534,12 @@ class PairLogits:
 
         return dpo_logits(error(policy, self.chosen), error(policy, self.rejected),
                           error(self.reference, self.chosen), error(self.reference, self.rejected)).numpy()
+
+    def sample(self, policy, rows, low: int, high: int, generator: torch.Generator) -> np.ndarray:
+        """The logits of `rows` on one draw: a timestep in [low, high) and fresh noise per pair."""
+        timesteps = torch.randint(low, high, (len(rows),), generator=generator)
+        noise = torch.randn((len(rows), *self.chosen.shape[1:]), generator=generator)
+        return self(policy, rows, timesteps, noise)
 
 
 # ----------------------------------------------------------------------------------------------------------
