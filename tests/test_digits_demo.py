@@ -69,3 +69,13 @@ def test_diagnostic_drops_follow_the_labels_from_the_given_step(tmp_path, shares
     for log in logs:
         assert log["minority/flipped_dropped"] == pytest.approx(expected_flipped)
         assert log["minority/clean_dropped"] == pytest.approx(expected_clean)
+
+
+def test_beta_and_set_reach_every_method_config(tmp_path):
+    # --beta changes every method's beta (the loss regime, docs/results.md "The beta regime"); --set only the filters'.
+    settings = digits.settings_from_args(digits.parse_args(["--beta", "100", "--set", "minority_filter_threshold=0.4"]))
+    for method in ("dpo", "cdpo", "adaptive", "filter", "filter_free", "oracle"):
+        config = digits.method_config(method, 0.2, settings, seed=3, work_dir=str(tmp_path))
+        assert config.beta == 100.0 and config.seed == 3 and config.max_steps == settings.train_steps, method
+        assert (config.minority_filter_threshold == 0.4) == (method in ("filter", "filter_free")), method
+    assert digits.method_config("dpo", 0.2, digits.BenchmarkSettings(), 0, str(tmp_path)).beta == 2500.0

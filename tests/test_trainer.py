@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from trl_adaptive import AdaptiveDPOConfig, AdaptiveDiffusionDPOTrainer, flip_labels
 from trl_adaptive.tiny import tiny_sd_pipeline, toy_preference_dataset
 
-REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/margins_abs", "rewards/accuracies")
 DENOISING_METRICS = tuple(
     f"denoising_loss/{m}_{i}" for m in ("policy", "reference") for i in ("chosen", "rejected")
 )
@@ -119,7 +119,8 @@ def test_training_moves_trainable_weights_only_and_logs_metrics(case, toy_pairs,
         for name in REWARD_METRICS + DENOISING_METRICS:
             assert math.isfinite(entry[name]), name
         assert all((name in entry) == options["adaptive"] for name in MINORITY_METRICS)
-    assert logs[0]["rewards/margins"] == 0.0  # policy == reference at the first step
+    assert logs[0]["rewards/margins"] == 0.0 == logs[0]["rewards/margins_abs"]  # policy == reference at the first step
+    assert logs[1]["rewards/margins_abs"] >= abs(logs[1]["rewards/margins"]) and logs[1]["rewards/margins_abs"] > 0
     if options["adaptive"]:
         assert 0.0 < logs[1]["minority/weight_min"] <= logs[1]["minority/weight_mean"] <= 1.0
         assert "minority/score_flipped" in logs[1] and "minority/score_clean" in logs[1]

@@ -29,7 +29,9 @@ class AdaptiveDPOConfig(TrainingArguments):
         default=2500.0,
         metadata={
             "help": "Diffusion-DPO strength in `-log sigmoid(beta * l)` (no 0.5 factor). Default 2500 from the diffusers "
-            "research script and the Adaptive-DPO code; equals 5000 in the original Diffusion-DPO code."
+            "research script and the Adaptive-DPO code; equals 5000 in the original Diffusion-DPO code. What matters is "
+            "beta * |l| (logged as rewards/margins_abs), which depends on the model: near 1 the loss is logistic; in the "
+            "tens it acts like a hinge, and flipped labels do far more harm (docs/results.md, 'The beta regime')."
         },
     )
     loss_type: str = field(

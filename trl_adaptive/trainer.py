@@ -436,6 +436,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             "rewards/chosen": chosen,
             "rewards/rejected": rejected,
             "rewards/margins": chosen - rejected,
+            # Mean |beta l|: in the tens, -log sigmoid acts like a hinge (docs/results.md, "The beta regime").
+            "rewards/margins_abs": (chosen - rejected).abs(),
             "rewards/accuracies": (chosen > rejected).float(),
             "denoising_loss/policy_chosen": m_w,
             "denoising_loss/policy_rejected": m_l,

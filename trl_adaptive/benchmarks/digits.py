@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -441,34 +442,35 @@ def _recording_trainer_class():
     return RecordingTrainer
 
 
-def train_method(base_folder: str, dataset, method: str, flip_rate: float, settings: BenchmarkSettings, seed: int,
-                 work_dir: str):
-    """Fine-tune the base UNet with one method; returns (trained UNet, per-visit diagnostics, wall seconds)."""
-    from transformers import PrinterCallback
-
+def method_config(method: str, flip_rate: float, settings: BenchmarkSettings, seed: int, work_dir: str):
+    """The AdaptiveDPOConfig of one run: the settings shared by every method, then the method's overrides."""
     from ..config import AdaptiveDPOConfig
 
-    if method == "oracle":
-        dataset = dataset.filter(lambda flipped: not flipped, input_columns="flipped")
-    overrides = method_overrides(method, flip_rate, settings.train_steps, settings.filter_overrides)
-    args = AdaptiveDPOConfig(
+    shared = dict(beta=settings.beta, learning_rate=settings.learning_rate, max_steps=settings.train_steps,
+                  per_device_train_batch_size=settings.train_batch, seed=seed, data_seed=seed)
+    shared.update(method_overrides(method, flip_rate, settings.train_steps, settings.filter_overrides))
+    return AdaptiveDPOConfig(
         output_dir=os.path.join(work_dir, f"{method}-{flip_rate}"),
-        beta=settings.beta,
-        learning_rate=settings.learning_rate,
         lr_scheduler_type="constant",
-        max_steps=settings.train_steps,
-        per_device_train_batch_size=settings.train_batch,
         resolution=8,
-        seed=seed,
-        data_seed=seed,
         report_to=[],
         save_strategy="no",
         logging_strategy="no",
         disable_tqdm=True,
         use_cpu=True,
         dataloader_num_workers=0,
-        **overrides,
+        **shared,
     )
+
+
+def train_method(base_folder: str, dataset, method: str, flip_rate: float, settings: BenchmarkSettings, seed: int,
+                 work_dir: str):
+    """Fine-tune the base UNet with one method; returns (trained UNet, per-visit diagnostics, wall seconds)."""
+    from transformers import PrinterCallback
+
+    if method == "oracle":
+        dataset = dataset.filter(lambda flipped: not flipped, input_columns="flipped")
+    args = method_config(method, flip_rate, settings, seed, work_dir)
     pipeline = load_base(base_folder)
     diagnostic = {}
     if method in DIAGNOSTIC_METHODS:
@@ -883,6 +885,7 @@ def parse_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHOD_LABELS), help="Override the methods.")
     parser.add_argument("--train-steps", type=int, default=None, help="Override the fine-tuning steps per run.")
     parser.add_argument("--learning-rate", type=float, default=None, help="Override the fine-tuning learning rate.")
+    parser.add_argument("--beta", type=float, default=None, help="Override beta, the DPO strength, for every method.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="Extra AdaptiveDPOConfig field for the 'filter' method (repeatable), for sweeps.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
@@ -911,12 +914,7 @@ def _parse_override(text: str):
     return name, value
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    _quiet_libraries()
+def settings_from_args(args) -> BenchmarkSettings:
     settings = quick_settings() if args.quick else BenchmarkSettings()
     if args.flip_rates:
         settings.flip_rates = tuple(args.flip_rates)
@@ -926,7 +924,19 @@ def main(argv=None) -> dict:
         settings.train_steps = args.train_steps
     if args.learning_rate:
         settings.learning_rate = args.learning_rate
+    if args.beta:
+        settings.beta = args.beta
     settings.filter_overrides.update(_parse_override(o) for o in args.overrides)
+    return settings
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _quiet_libraries()
+    settings = settings_from_args(args)
     progress = not args.no_progress
     os.makedirs(args.output_dir, exist_ok=True)
     if args.merge:
@@ -995,7 +1005,7 @@ def write_report(args, argv, settings, seeds, seed_results, rater_accuracy, base
     plots = make_plots(summary, seed_results, settings, args.output_dir)
     wall = summed_wall if summed_wall is not None else time.perf_counter() - start
     report = {
-        "command": "trl-adaptive demo " + " ".join(argv if argv is not None else []),
+        "command": "trl-adaptive demo " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": settings.__dict__,
         "filter_overrides": settings.filter_overrides,
         "seeds": seeds,
