@@ -887,7 +887,8 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float, default=None, help="Override the fine-tuning learning rate.")
     parser.add_argument("--beta", type=float, default=None, help="Override beta, the DPO strength, for every method.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="Extra AdaptiveDPOConfig field for the 'filter' method (repeatable), for sweeps.")
+                        help="Extra AdaptiveDPOConfig field for the two filter methods, 'filter' and 'filter_free' "
+                        "(repeatable), for sweeps; it overrides the shared settings too (e.g. beta).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="Runs trained at a time, each in its own process with --threads (default cpus / workers) threads (default "
