@@ -64,5 +64,6 @@ def main(argv=None):
             else:
                 print(f"| {method} | {rate:.0%} | {len(seeds)} | {point:.0%} | [{low:.0%}, {high:.0%}] |")
 
+
 if __name__ == "__main__":
     main()

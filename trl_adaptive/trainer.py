@@ -432,12 +432,13 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         m_w, m_l = out["policy_errors"].detach().chunk(2)
         r_w, r_l = out["reference_errors"].detach().chunk(2)
         chosen, rejected = implicit_rewards(m_w, r_w, beta), implicit_rewards(m_l, r_l, beta)
+        margins = chosen - rejected  # beta * l
         per_pair = {
             "rewards/chosen": chosen,
             "rewards/rejected": rejected,
-            "rewards/margins": chosen - rejected,
+            "rewards/margins": margins,
             # Mean |beta l|: in the tens, -log sigmoid acts like a hinge (docs/results.md, "The beta regime").
-            "rewards/margins_abs": (chosen - rejected).abs(),
+            "rewards/margins_abs": margins.abs(),
             "rewards/accuracies": (chosen > rejected).float(),
             "denoising_loss/policy_chosen": m_w,
             "denoising_loss/policy_rejected": m_l,

@@ -446,9 +446,9 @@ def method_config(method: str, flip_rate: float, settings: BenchmarkSettings, se
     """The AdaptiveDPOConfig of one run: the settings shared by every method, then the method's overrides."""
     from ..config import AdaptiveDPOConfig
 
-    shared = dict(beta=settings.beta, learning_rate=settings.learning_rate, max_steps=settings.train_steps,
+    fields = dict(beta=settings.beta, learning_rate=settings.learning_rate, max_steps=settings.train_steps,
                   per_device_train_batch_size=settings.train_batch, seed=seed, data_seed=seed)
-    shared.update(method_overrides(method, flip_rate, settings.train_steps, settings.filter_overrides))
+    fields.update(method_overrides(method, flip_rate, settings.train_steps, settings.filter_overrides))
     return AdaptiveDPOConfig(
         output_dir=os.path.join(work_dir, f"{method}-{flip_rate}"),
         lr_scheduler_type="constant",
@@ -459,7 +459,7 @@ def method_config(method: str, flip_rate: float, settings: BenchmarkSettings, se
         disable_tqdm=True,
         use_cpu=True,
         dataloader_num_workers=0,
-        **shared,
+        **fields,
     )
 
 
