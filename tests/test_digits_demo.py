@@ -79,3 +79,7 @@ def test_beta_and_set_reach_every_method_config(tmp_path):
         assert config.beta == 100.0 and config.seed == 3 and config.max_steps == settings.train_steps, method
         assert (config.minority_filter_threshold == 0.4) == (method in ("filter", "filter_free")), method
     assert digits.method_config("dpo", 0.2, digits.BenchmarkSettings(), 0, str(tmp_path)).beta == 2500.0
+    # A bad --beta is an error that names the option, not silently the default.
+    zero = digits.settings_from_args(digits.parse_args(["--beta", "0"]))
+    with pytest.raises(ValueError, match="beta"):
+        digits.method_config("dpo", 0.2, zero, 0, str(tmp_path))

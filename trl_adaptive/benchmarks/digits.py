@@ -925,7 +925,7 @@ def settings_from_args(args) -> BenchmarkSettings:
         settings.train_steps = args.train_steps
     if args.learning_rate:
         settings.learning_rate = args.learning_rate
-    if args.beta:
+    if args.beta is not None:  # not `if args.beta`: --beta 0 must reach AdaptiveDPOConfig's check, not be ignored
         settings.beta = args.beta
     settings.filter_overrides.update(_parse_override(o) for o in args.overrides)
     return settings
