@@ -97,3 +97,29 @@ def test_threshold_rule_reaches_the_trainer(tmp_path):
     assert kept_fractions(1e9, 1.0, tmp_path / "none") == [1.0] * 3
     assert kept_fractions(-1e9, 1.0, tmp_path / "all") == [1.0, 0.25, 0.25]
     assert kept_fractions(-1e9, 0.5, tmp_path / "half") == [1.0, 0.5, 0.5]
+
+
+def _filter_warnings(tmp_path, beta):
+    import warnings
+
+    args = AdaptiveDPOConfig(
+        output_dir=str(tmp_path), adaptive=False, beta=beta, max_steps=3, per_device_train_batch_size=4, resolution=32,
+        learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+        minority_filter="top_fraction", minority_filter_fraction=0.5, minority_filter_warmup_steps=1,
+        minority_filter_min_visits=1, minority_evidence_min_noise=0.0,
+    )
+    trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert any(log.get("minority/kept_fraction", 1) < 1 for log in trainer.state.log_history)  # the filter dropped
+    return [w for w in caught if "starts dropping pairs" in str(w.message)]
+
+
+def test_filter_warns_once_in_the_logistic_regime_only(tmp_path):
+    torch.set_flush_denormal(True)
+    # beta 1: |beta l| ~ 1e-4 when the filter first drops (step 1), far below 4: one warning over the two dropping steps.
+    logistic = _filter_warnings(tmp_path / "logistic", beta=1.0)
+    assert len(logistic) == 1 and "median |beta * l|" in str(logistic[0].message)
+    # beta 1e9: the same logits give |beta l| far above 4 (a hinge-like loss): no warning.
+    assert _filter_warnings(tmp_path / "hinge", beta=1e9) == []

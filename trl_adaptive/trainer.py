@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,9 @@ TRAINING_ARGS_NAME = "training_args.bin"
 #: of a model that has started to move (~1e-5 and up).
 RMS_NORMALIZER_FLOOR = 1e-6
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+#: Median |beta * l| below which the minority filter warns: under 4, -log sigmoid is still far from a hinge
+#: (sigmoid(-4) = 0.018 of the largest gradient), the logistic regime in which the filter was measured to harm.
+FILTER_HINGE_REGIME_MIN = 4.0
 
 
 class AnnotatorUpdateCallback(TrainerCallback):
@@ -166,6 +170,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                     num_rows, filename="pair_logit_evidence.safetensors", decay=args.minority_evidence_decay
                 )
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._filter_regime_checked = False
         super().__init__(
             model=denoiser,
             args=args,
@@ -373,6 +378,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         self._record_metrics(mode, out, u, weights, margins, inputs)
         if keep is not None:
             self._record_filter_metrics(keep, inputs)
+            self._check_filter_regime(keep, logits)
         loss = losses.mean()
         return (loss, out) if return_outputs else loss
 
@@ -425,6 +431,23 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 self._metrics["train"]["minority/flipped_dropped"].append((1 - keep[flipped]).mean().item())
             if (~flipped).any():
                 self._metrics["train"]["minority/clean_dropped"].append((1 - keep[~flipped]).mean().item())
+
+    def _check_filter_regime(self, keep: torch.Tensor, logits: torch.Tensor) -> None:
+        """Warn once, when the filter first drops a pair, if the loss is in the logistic regime: there the filter was
+        measured to harm (docs/minority_filter.md, "Limits"). Decided on gathered values, so every process agrees."""
+        if self._filter_regime_checked or not (self._gather(keep) < 1).any():
+            return
+        self._filter_regime_checked = True
+        median = (self.args.beta * self._gather(logits)).abs().median().item()
+        if median < FILTER_HINGE_REGIME_MIN:
+            warnings.warn(
+                f"minority_filter={self.args.minority_filter!r} starts dropping pairs while the median |beta * l| is "
+                f"{median:.2f} (below {FILTER_HINGE_REGIME_MIN:g}: the logistic regime). The filter helped on the digits "
+                "benchmark only with |beta * l| in the tens (a hinge-like loss); with |beta * l| near 1 it did not help "
+                "and broke some runs. Consider adaptive=True without the filter (docs/minority_filter.md, 'Limits').",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # ---- metrics ---------------------------------------------------------------------------------------
     def _record_metrics(self, mode, out, u, weights, margins, inputs) -> None:
