@@ -142,6 +142,16 @@ def test_metric_warmup_runs_plain_dpo_first(toy_pairs, tmp_path):
     assert trainer.annotators.num_updates == 2  # the annotators were updated during the warm-up too
 
 
+def test_logged_margin_is_the_adaptive_margin_not_the_logit(toy_pairs, tmp_path):
+    # margin="none": gamma = 0 at every step, while beta * l (rewards/margins) has moved off 0 by step 2.
+    trainer = AdaptiveDiffusionDPOTrainer(
+        tiny_sd_pipeline(), args=tiny_args(tmp_path, margin="none"), train_dataset=toy_pairs, peft_config=lora_config()
+    )
+    trainer.train()
+    second = [entry for entry in trainer.state.log_history if "loss" in entry][1]
+    assert second["minority/margin_mean"] == 0.0 and second["rewards/margins"] != 0.0
+
+
 def test_trl_schema_trains(tmp_path):
     dataset = toy_preference_dataset(num_pairs=4, size=32, schema="trl")
     trainer = AdaptiveDiffusionDPOTrainer(

@@ -455,13 +455,13 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         m_w, m_l = out["policy_errors"].detach().chunk(2)
         r_w, r_l = out["reference_errors"].detach().chunk(2)
         chosen, rejected = implicit_rewards(m_w, r_w, beta), implicit_rewards(m_l, r_l, beta)
-        margins = chosen - rejected  # beta * l
+        scaled_logits = chosen - rejected  # beta * l (not `margins`, the adaptive margins gamma of the loss)
         per_pair = {
             "rewards/chosen": chosen,
             "rewards/rejected": rejected,
-            "rewards/margins": margins,
+            "rewards/margins": scaled_logits,
             # Mean |beta l|: in the tens, -log sigmoid acts like a hinge (docs/results.md, "The beta regime").
-            "rewards/margins_abs": margins.abs(),
+            "rewards/margins_abs": scaled_logits.abs(),
             "rewards/accuracies": (chosen > rejected).float(),
             "denoising_loss/policy_chosen": m_w,
             "denoising_loss/policy_rejected": m_l,
