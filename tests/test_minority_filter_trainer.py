@@ -1,6 +1,7 @@
 """The minority filter through the trainer: evidence recorded per visit and draw, pairs dropped, state checkpointed."""
 
 import os
+import warnings
 
 import torch
 
@@ -100,8 +101,6 @@ def test_threshold_rule_reaches_the_trainer(tmp_path):
 
 
 def _filter_warnings(tmp_path, beta):
-    import warnings
-
     args = AdaptiveDPOConfig(
         output_dir=str(tmp_path), adaptive=False, beta=beta, max_steps=3, per_device_train_batch_size=4, resolution=32,
         learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,

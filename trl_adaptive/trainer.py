@@ -377,8 +377,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         losses = preference_loss(logits, self.args.beta, self.args.loss_type, self.args.label_smoothing, weights, margins)
         self._record_metrics(mode, out, u, weights, margins, inputs)
         if keep is not None:
-            self._record_filter_metrics(keep, inputs)
-            self._check_filter_regime(keep, logits)
+            self._check_filter_regime(self._record_filter_metrics(keep, inputs), logits)
         loss = losses.mean()
         return (loss, out) if return_outputs else loss
 
@@ -422,7 +421,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         )
         return keep.to(logits.device)
 
-    def _record_filter_metrics(self, keep: torch.Tensor, inputs) -> None:
+    def _record_filter_metrics(self, keep: torch.Tensor, inputs) -> torch.Tensor:
+        """Log what the filter kept and dropped; returns the keep weights of the global batch."""
         keep = self._gather(keep)
         self._metrics["train"]["minority/kept_fraction"].append(keep.mean().item())
         if "flipped" in inputs:
@@ -431,11 +431,12 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                 self._metrics["train"]["minority/flipped_dropped"].append((1 - keep[flipped]).mean().item())
             if (~flipped).any():
                 self._metrics["train"]["minority/clean_dropped"].append((1 - keep[~flipped]).mean().item())
+        return keep
 
-    def _check_filter_regime(self, keep: torch.Tensor, logits: torch.Tensor) -> None:
+    def _check_filter_regime(self, global_keep: torch.Tensor, logits: torch.Tensor) -> None:
         """Warn once, when the filter first drops a pair, if the loss is in the logistic regime: there the filter was
         measured to harm (docs/minority_filter.md, "Limits"). Decided on gathered values, so every process agrees."""
-        if self._filter_regime_checked or not (self._gather(keep) < 1).any():
+        if self._filter_regime_checked or not (global_keep < 1).any():
             return
         self._filter_regime_checked = True
         median = (self.args.beta * self._gather(logits)).abs().median().item()
