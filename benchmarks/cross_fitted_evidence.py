@@ -33,7 +33,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     digits._quiet_libraries()
 
-    settings, base, folder, dataset = digits.flipped_pair_set(args.seed, args.flip_rate, args.cache_dir)
+    settings, base, folder, dataset, _ = digits.flipped_pair_set(args.seed, args.flip_rate, args.cache_dir)
     flipped = np.asarray(list(dataset["flipped"]), dtype=bool)
     half = np.arange(len(dataset)) % 2
     pair_logits = digits.PairLogits(base, dataset)

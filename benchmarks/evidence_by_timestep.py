@@ -35,7 +35,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     digits._quiet_libraries()
 
-    settings, base, folder, dataset = digits.flipped_pair_set(args.seed, args.flip_rate, args.cache_dir)
+    settings, base, folder, dataset, _ = digits.flipped_pair_set(args.seed, args.flip_rate, args.cache_dir)
     with tempfile.TemporaryDirectory() as work_dir:
         policy, _, _ = digits.train_method(folder, dataset, args.method, args.flip_rate, settings, args.seed, work_dir)
     flipped = np.asarray(list(dataset["flipped"]), dtype=bool)

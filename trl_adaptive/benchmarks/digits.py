@@ -507,7 +507,7 @@ def train_method(base_folder: str, dataset, method: str, flip_rate: float, setti
 def flipped_pair_set(seed: int, flip_rate: float, cache_dir: str):
     """The pairs of `seed` with `flip_rate` of them flipped, as `trl-adaptive demo` builds them.
 
-    Returns (settings, base pipeline, base folder, dataset)."""
+    Returns (settings, base pipeline, base folder, dataset, rater)."""
     from ..data import flip_labels
 
     settings = BenchmarkSettings()
@@ -515,7 +515,7 @@ def flipped_pair_set(seed: int, flip_rate: float, cache_dir: str):
     rater = DigitRater(real_rater, labels_rater, settings.rater_c)
     base, folder = load_or_pretrain_base(cache_dir, settings, real_base, labels_base, progress=False)
     pairs, _ = build_pairs(base, rater, settings, seed)
-    return settings, base, folder, flip_labels(pairs, flip_rate, seed=seed)
+    return settings, base, folder, flip_labels(pairs, flip_rate, seed=seed), rater
 
 
 class PairLogits:
@@ -645,16 +645,10 @@ def run_seed(seed: int, settings: BenchmarkSettings, base, base_folder: str, rat
     from ..data import flip_labels
 
     pairs, pair_info = build_pairs(base, rater, settings, seed)
-    eval_digits, eval_prompts = prompt_set(EVAL_TEMPLATE, settings.eval_samples_per_class)
-    eval_embeds = encode_prompts(base, eval_prompts)
-    eval_noise = torch.randn((len(eval_prompts), 3, 8, 8), generator=torch.Generator().manual_seed(30_000 + seed))
-    base_images = to_uint8(sample_images(base.unet, base.scheduler.config, eval_embeds, eval_noise, settings.sampling_steps))
-    base_rewards = rater.rewards(base_images, eval_digits)
-    result = {"seed": seed, "pairs": pair_info, "base_reward": float(base_rewards.mean()), "runs": {}}
-    samples = {"base": base_images} if keep_samples else {}
+    evaluation = evaluation_set(base, rater, settings, seed)
+    result = {"seed": seed, "pairs": pair_info, "base_reward": float(evaluation["base_rewards"].mean()), "runs": {}}
+    samples = {"base": evaluation["base_images"]} if keep_samples else {}
     flipped_sets = {rate: flip_labels(pairs, rate, seed=seed) for rate in settings.flip_rates}
-    evaluation = dict(embeds=eval_embeds, noise=eval_noise, digits=eval_digits, base_rewards=base_rewards, rater=rater,
-                      scheduler_config=dict(base.scheduler.config))
     jobs = [
         dict(base_folder=base_folder, dataset=flipped_sets[rate], method=method, flip_rate=rate, settings=settings,
              seed=seed, work_dir=work_dir, evaluation=evaluation, save_visits=visits_dir is not None)
@@ -689,8 +683,26 @@ def run_seed(seed: int, settings: BenchmarkSettings, base, base_folder: str, rat
     for rate, method in runs_for(settings):  # the grid's order, whatever order the workers finished in
         result["runs"][f"{method}@{rate}"] = finished[f"{method}@{rate}"]
     result["samples"] = samples
-    result["eval_digits"] = eval_digits
+    result["eval_digits"] = evaluation["digits"]
     return result
+
+
+def evaluation_set(base, rater: DigitRater, settings: BenchmarkSettings, seed: int) -> dict:
+    """The held-out evaluation of `seed`, shared by all its runs: prompts of the evaluation template, initial noise
+    seeded apart from the pairs', and the base model's images of them with their rewards."""
+    digits, prompts = prompt_set(EVAL_TEMPLATE, settings.eval_samples_per_class)
+    embeds = encode_prompts(base, prompts)
+    noise = torch.randn((len(prompts), 3, 8, 8), generator=torch.Generator().manual_seed(30_000 + seed))
+    base_images = to_uint8(sample_images(base.unet, base.scheduler.config, embeds, noise, settings.sampling_steps))
+    return dict(embeds=embeds, noise=noise, digits=digits, base_images=base_images,
+                base_rewards=rater.rewards(base_images, digits), rater=rater, scheduler_config=dict(base.scheduler.config))
+
+
+def rate_unet(unet, evaluation: dict, settings: BenchmarkSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Sample the evaluation prompts and noise with a (fine-tuned) UNet; returns the images and their rewards."""
+    images = to_uint8(sample_images(unet, evaluation["scheduler_config"], evaluation["embeds"], evaluation["noise"],
+                                    settings.sampling_steps))
+    return images, evaluation["rater"].rewards(images, evaluation["digits"])
 
 
 def run_one(job: dict) -> dict:
@@ -700,9 +712,7 @@ def run_one(job: dict) -> dict:
     unet, visits, seconds = train_method(job["base_folder"], job["dataset"], job["method"], job["flip_rate"], settings,
                                          job["seed"], job["work_dir"])
     filter_stats = visits.pop("filter_stats")
-    images = to_uint8(sample_images(unet, evaluation["scheduler_config"], evaluation["embeds"], evaluation["noise"],
-                                    settings.sampling_steps))
-    rewards = evaluation["rater"].rewards(images, evaluation["digits"])
+    images, rewards = rate_unet(unet, evaluation, settings)
     base_rewards = evaluation["base_rewards"]
     wins = (rewards > base_rewards).astype(float) + 0.5 * (rewards == base_rewards)
     return {
