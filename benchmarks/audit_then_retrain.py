@@ -18,6 +18,8 @@ timesteps and data order; same pairs, flips and evaluation): the run-to-run nois
 
     python benchmarks/audit_then_retrain.py --seeds 100 101 --flip-rates 0 0.2 0.3      # ~16 minutes on 2 cores
     python benchmarks/audit_then_retrain.py --seeds 100 --flip-rates 0.2 0.3 --noise-seeds 1100 2100   # ~5 minutes
+    python benchmarks/audit_then_retrain.py --seeds 0 1 2 3 4 5 6 --flip-rates 0 0.1 0.2 0.3 --variants continue-150 \
+        --rules threshold --report out.json    # the reported seeds; then gap_bootstrap.py on docs/results + out.json
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "trl_adaptive")
+VARIANTS = ("restart-150", "continue-150", "restart-300")
 RULES = {"threshold": dict(method="threshold", threshold=0.5, max_fraction=0.3),
          "top30": dict(method="top_fraction", fraction=0.3)}
 
@@ -105,21 +108,28 @@ def run(job: dict) -> dict:
             out["gains"][f"dpo/{train_seed}"] = gain(train(folder, dataset, 300, settings, train_seed)[0])
             out["gains"][f"oracle/{train_seed}"] = gain(train(folder, clean, 300, settings, train_seed)[0])
         return out
-    unet_300, unet_150 = train(folder, dataset, 300, settings, seed, keep_at=150)
-    out["gains"].update({"dpo-300": gain(unet_300), "dpo-150": gain(unet_150)})
-    for audit_step, auditor in ((150, unet_150), (300, unet_300)):
+    variants = job["variants"]
+    auditors = {}
+    if "restart-300" in variants:
+        auditors[300], auditors[150] = train(folder, dataset, 300, settings, seed, keep_at=150)
+        out["gains"]["dpo-300"] = gain(auditors[300])
+    else:  # the same first 150 steps, without the 150 after them
+        auditors[150] = train(folder, dataset, 150, settings, seed)[0]
+    out["gains"]["dpo-150"] = gain(auditors[150])
+    for audit_step, auditor in sorted(auditors.items()):
         share = wrong_sign_share(base, dataset, auditor, job["draws"], job["min_timestep"])
         out["audits"][f"auroc@{audit_step}"] = digits.auroc(share, flipped)
-        for rule in RULES:
+        for rule in job["rules"]:
             drop = flagged(share, rule)
             out["audits"][f"{rule}@{audit_step}"] = {
                 "dropped": float(drop.mean()), "clean_dropped": float(drop[~flipped].mean()),
                 "flipped_dropped": float(drop[flipped].mean()) if flipped.any() else None}
             trusted = dataset.select(np.flatnonzero(~drop).tolist())
-            if audit_step == 150:
+            if audit_step == 150 and "restart-150" in variants:
                 out["gains"][f"restart-150/{rule}"] = gain(train(folder, trusted, 150, settings, seed)[0])
-                out["gains"][f"continue-150/{rule}"] = gain(train(folder, trusted, 150, settings, seed, init_unet=unet_150)[0])
-            else:
+            if audit_step == 150 and "continue-150" in variants:
+                out["gains"][f"continue-150/{rule}"] = gain(train(folder, trusted, 150, settings, seed, init_unet=auditor)[0])
+            if audit_step == 300:
                 out["gains"][f"restart-300/{rule}"] = gain(train(folder, trusted, 300, settings, seed)[0])
     return out
 
@@ -132,12 +142,18 @@ def main(argv=None):
     parser.add_argument("--min-timestep", type=int, default=700)
     parser.add_argument("--noise-seeds", type=int, nargs="*", default=[],
                         help="instead: Diffusion-DPO and the oracle with these training seeds")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="second runs to train")
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES), help="flagging rules")
     parser.add_argument("--workers", type=int, default=2, help="(seed, flip rate) jobs at a time, one thread each")
     parser.add_argument("--cache-dir", default=CACHE_DIR)
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
+    parser.add_argument("--report", default=None,
+                        help="also write the gains as a demo-style report (runs keyed 'variant/rule@flip rate'), which "
+                        "benchmarks/gap_bootstrap.py can lay over the demo's reports")
     args = parser.parse_args(argv)
     jobs = [dict(seed=s, flip_rate=r, draws=args.draws, min_timestep=args.min_timestep, noise_seeds=args.noise_seeds,
-                 cache_dir=args.cache_dir) for s in args.seeds for r in args.flip_rates]
+                 variants=args.variants, rules=args.rules, cache_dir=args.cache_dir)
+            for s in args.seeds for r in args.flip_rates]
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(run, jobs))
     for result in results:
@@ -149,6 +165,14 @@ def main(argv=None):
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=1)
+    if args.report:
+        per_seed = {}
+        for result in results:
+            runs = per_seed.setdefault(result["seed"], {"seed": result["seed"], "runs": {}})["runs"]
+            for name, value in result["gains"].items():
+                runs[f"{name}@{result['flip_rate']}"] = {"reward_gain": value}
+        with open(args.report, "w") as f:
+            json.dump({"per_seed": list(per_seed.values())}, f, indent=1)
 
 
 if __name__ == "__main__":
