@@ -41,11 +41,11 @@ RULES = {"threshold": dict(method="threshold", threshold=0.5, max_fraction=0.3),
          "top30": dict(method="top_fraction", fraction=0.3)}
 
 
-def train(folder, dataset, steps, settings, seed, init_unet=None, keep_at=None):
-    """Diffusion-DPO as the demo runs it, for `steps` steps; returns the trained UNet and its state at step `keep_at`."""
-    from transformers import PrinterCallback, TrainerCallback
+def train(folder, dataset, steps, settings, seed, method="dpo", init_unet=None, keep_at=None):
+    """`method` of the demo ("dpo" or "oracle") for `steps` steps; returns the trained UNet and its state at step
+    `keep_at`."""
+    from transformers import TrainerCallback
 
-    from trl_adaptive import AdaptiveDiffusionDPOTrainer
     from trl_adaptive.benchmarks import digits
 
     settings = copy.deepcopy(settings)
@@ -58,16 +58,9 @@ def train(folder, dataset, steps, settings, seed, init_unet=None, keep_at=None):
                 kept["unet"] = copy.deepcopy(model).eval()
 
     with tempfile.TemporaryDirectory() as work_dir:
-        pipeline = digits.load_base(folder)
-        reference = None
-        if init_unet is not None:  # continue from another model; the reference stays the base model
-            reference = copy.deepcopy(pipeline.unet)
-            pipeline.unet.load_state_dict(init_unet.state_dict())
-        trainer = AdaptiveDiffusionDPOTrainer(pipeline, ref_model=reference, train_dataset=dataset, callbacks=[KeepState()],
-                                              args=digits.method_config("dpo", 0.0, settings, seed, work_dir))
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
-        return trainer.accelerator.unwrap_model(trainer.model).eval(), kept.get("unet")
+        unet, _, _ = digits.train_method(folder, dataset, method, 0.0, settings, seed, work_dir, init_unet=init_unet,
+                                         callbacks=[KeepState()])
+    return unet, kept.get("unet")
 
 
 def wrong_sign_share(base, dataset, unet, draws: int, min_timestep: int) -> np.ndarray:
@@ -77,7 +70,7 @@ def wrong_sign_share(base, dataset, unet, draws: int, min_timestep: int) -> np.n
     generator = torch.Generator().manual_seed(1)
     rows = np.arange(len(dataset))
     high = base.scheduler.config.num_train_timesteps
-    return np.mean([pair_logits.sample(unet, rows, min_timestep, high, generator) < 0 for _ in range(draws)], axis=0)
+    return (pair_logits.draws(unet, rows, min_timestep, high, generator, draws) < 0).mean(axis=0)
 
 
 def flagged(share: np.ndarray, rule: str) -> np.ndarray:
@@ -103,10 +96,9 @@ def run(job: dict) -> dict:
     flipped = np.asarray(dataset["flipped"], dtype=bool)
     out = {"seed": seed, "flip_rate": rate, "gains": {}, "audits": {}}
     if job["noise_seeds"]:
-        clean = dataset.filter(lambda f: not f, input_columns="flipped")
         for train_seed in job["noise_seeds"]:
-            out["gains"][f"dpo/{train_seed}"] = gain(train(folder, dataset, 300, settings, train_seed)[0])
-            out["gains"][f"oracle/{train_seed}"] = gain(train(folder, clean, 300, settings, train_seed)[0])
+            for method in ("dpo", "oracle"):
+                out["gains"][f"{method}/{train_seed}"] = gain(train(folder, dataset, 300, settings, train_seed, method)[0])
         return out
     variants = job["variants"]
     auditors = {}

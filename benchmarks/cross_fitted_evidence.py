@@ -41,8 +41,7 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(1)
 
     def logits(policy, rows):
-        return np.stack([pair_logits.sample(policy, rows, args.min_timestep, num_timesteps, generator)
-                         for _ in range(args.draws)])
+        return pair_logits.draws(policy, rows, args.min_timestep, num_timesteps, generator, args.draws)
 
     policies = {}
     for h in (0, 1):

@@ -49,7 +49,7 @@ def main(argv=None):
     print("| --- | --- | --- | --- | --- | --- |")
     width = num_timesteps // args.bands
     for low in range(0, num_timesteps, width):
-        logits = np.stack([pair_logits.sample(policy, rows, low, low + width, generator) for _ in range(args.draws)])
+        logits = pair_logits.draws(policy, rows, low, low + width, generator, args.draws)
         per_draw = np.mean([roc_auc_score(flipped, -d) for d in logits])
         per_draw_sign = np.mean([roc_auc_score(flipped, d < 0) for d in logits])
         print(f"| [{low}, {low + width}) | {per_draw:.3f} | {per_draw_sign:.3f} | "

@@ -26,6 +26,7 @@ Results, setup details and the validation sweep: docs/results.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -468,19 +469,27 @@ def method_config(method: str, flip_rate: float, settings: BenchmarkSettings, se
 
 
 def train_method(base_folder: str, dataset, method: str, flip_rate: float, settings: BenchmarkSettings, seed: int,
-                 work_dir: str):
-    """Fine-tune the base UNet with one method; returns (trained UNet, per-visit diagnostics, wall seconds)."""
+                 work_dir: str, init_unet=None, callbacks=None):
+    """Fine-tune the base UNet with one method; returns (trained UNet, per-visit diagnostics, wall seconds).
+
+    `init_unet`: start from these weights instead (the reference stays the base UNet); `callbacks`: extra
+    `TrainerCallback`s (benchmarks/audit_then_retrain.py uses both)."""
     from transformers import PrinterCallback
 
     if method == "oracle":
         dataset = dataset.filter(lambda flipped: not flipped, input_columns="flipped")
     args = method_config(method, flip_rate, settings, seed, work_dir)
     pipeline = load_base(base_folder)
+    reference = None
+    if init_unet is not None:
+        reference = copy.deepcopy(pipeline.unet)
+        pipeline.unet.load_state_dict(init_unet.state_dict())
     diagnostic = {}
     if method in DIAGNOSTIC_METHODS:
         diagnostic["truth_filter_from"] = int(FILTER_WARMUP_SHARE * settings.train_steps)
         diagnostic["truth_drop_shares"] = (1.0, 0.0) if method == "oracle_late" else MATCHED_DROP_SHARES[flip_rate]
-    trainer = _recording_trainer_class()(model=pipeline, args=args, train_dataset=dataset, **diagnostic)
+    trainer = _recording_trainer_class()(model=pipeline, ref_model=reference, args=args, train_dataset=dataset,
+                                         callbacks=callbacks, **diagnostic)
     trainer.remove_callback(PrinterCallback)  # the benchmark prints its own one-line summary per run
     start = time.perf_counter()
     trainer.train()
@@ -546,6 +555,10 @@ class PairLogits:
         timesteps = torch.randint(low, high, (len(rows),), generator=generator)
         noise = torch.randn((len(rows), *self.chosen.shape[1:]), generator=generator)
         return self(policy, rows, timesteps, noise)
+
+    def draws(self, policy, rows, low: int, high: int, generator: torch.Generator, count: int) -> np.ndarray:
+        """`count` draws of `sample` one after another: shape (count, len(rows))."""
+        return np.stack([self.sample(policy, rows, low, high, generator) for _ in range(count)])
 
 
 # ----------------------------------------------------------------------------------------------------------
