@@ -74,10 +74,11 @@ def test_diagnostic_drops_follow_the_labels_from_the_given_step(tmp_path, shares
 def test_beta_and_set_reach_every_method_config(tmp_path):
     # --beta changes every method's beta (the loss regime, docs/results.md "The beta regime"); --set only the filters'.
     settings = digits.settings_from_args(digits.parse_args(["--beta", "2500", "--set", "minority_filter_threshold=0.4"]))
-    for method in ("dpo", "cdpo", "adaptive", "filter", "filter_free", "oracle"):
+    for method in ("dpo", "cdpo", "adaptive", "capped", "filter", "filter_free", "oracle"):
         config = digits.method_config(method, 0.2, settings, seed=3, work_dir=str(tmp_path))
         assert config.beta == 2500.0 and config.seed == 3 and config.max_steps == settings.train_steps, method
         assert (config.minority_filter_threshold == 0.4) == (method in ("filter", "filter_free")), method
+        assert (config.loss_type == "capped_sigmoid") == (method == "capped"), method
     assert digits.method_config("dpo", 0.2, digits.BenchmarkSettings(), 0, str(tmp_path)).beta == 100.0
     # A bad --beta is an error that names the option, not silently the default.
     zero = digits.settings_from_args(digits.parse_args(["--beta", "0"]))

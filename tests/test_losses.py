@@ -83,6 +83,24 @@ def test_hinge_loss():
     assert_close(losses.preference_loss(tensor(LOGITS), BETA, "hinge"), [0.0, 1.5, 1.0])
 
 
+def test_capped_sigmoid_loss():
+    w = 0.2
+    # z >= 0: -log sigmoid(z); z < 0: log 2 - w z (log 2 + 0.2 * 0.5 at z = -0.5)
+    expected = [log1pexp(-1.0), math.log(2.0) + w * 0.5, math.log(2.0)]
+    z = tensor(Z).requires_grad_()
+    actual = losses.preference_loss(z / BETA, BETA, "capped_sigmoid", misranked_weight=w)
+    assert_close(actual, expected)
+    # the pull d(loss)/dz: sigmoid(-z) for the pair ranked with its label, w for the misranked one, 1/2 at z = 0
+    actual.sum().backward()
+    assert_close(-z.grad, [sigmoid(-1.0), w, 0.5])
+    # unset, the weight is the library default
+    default = losses.preference_loss(tensor(LOGITS), BETA, "capped_sigmoid")
+    assert default[1].item() == pytest.approx(math.log(2.0) + losses.DEFAULT_MISRANKED_WEIGHT * 0.5)
+    # w = 1/2 continues -log sigmoid by its tangent at 0, which lies below it
+    tangent = losses.preference_loss(tensor(LOGITS), BETA, "capped_sigmoid", misranked_weight=0.5)
+    assert tangent[1].item() == pytest.approx(math.log(2.0) + 0.25) and tangent[1].item() < log1pexp(0.5)
+
+
 def test_ipo_loss_is_trl_form():
     # TRL's IPO: (l - 1/(2 beta))^2 with beta = 2: target 0.25
     expected = [(0.5 - 0.25) ** 2, (-0.25 - 0.25) ** 2, (0.0 - 0.25) ** 2]
@@ -90,7 +108,7 @@ def test_ipo_loss_is_trl_form():
 
 
 def test_every_registered_loss_is_tested():
-    assert set(losses.PREFERENCE_LOSSES) == {"sigmoid", "ipo", "robust", "hinge"}
+    assert set(losses.PREFERENCE_LOSSES) == {"sigmoid", "ipo", "robust", "hinge", "capped_sigmoid"}
 
 
 # ---- minority score ------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from trl_adaptive import AdaptiveDPOConfig, AdaptiveDiffusionDPOTrainer, flip_labels
 from trl_adaptive.tiny import tiny_sd_pipeline, toy_preference_dataset
+from trl_adaptive.losses import DEFAULT_MISRANKED_WEIGHT
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/margins_abs", "rewards/accuracies")
 DENOISING_METRICS = tuple(
@@ -50,7 +51,7 @@ BETA = 2500.0
 
 
 def expected_first_loss(loss_type="sigmoid", adaptive=True, annotator_decays=(0.9999, 0.5), weight_fn="linear",
-                        margin="linear", label_smoothing=0.0):
+                        margin="linear", label_smoothing=0.0, misranked_weight=None):
     """The loss of the first step, by hand. The policy still equals the reference (LoRA B = 0, or an exact copy), so
     l = 0 for every pair; the EMA annotators equal the model, so u = 0; without them u = sigmoid(-rho * 0) = 1/2."""
     u = 0.0 if annotator_decays else 0.5
@@ -65,6 +66,7 @@ def expected_first_loss(loss_type="sigmoid", adaptive=True, annotator_decays=(0.
         "robust": ((1 - eps) * math.log1p(math.exp(-z)) - eps * math.log1p(math.exp(z))) / (1 - 2 * eps),
         "hinge": max(0.0, 1 - z),
         "ipo": ((z - 0.5) / BETA) ** 2,
+        "capped_sigmoid": math.log1p(math.exp(-z)) if z >= 0 else math.log(2.0) - misranked_weight * z,
     }[loss_type]
     return weight * loss
 
@@ -78,6 +80,7 @@ CASES = {
     "lora-adaptive-hinge": dict(lora=True, adaptive=True, loss_type="hinge"),
     "lora-adaptive-robust": dict(lora=True, adaptive=True, loss_type="robust", label_smoothing=0.1),
     "lora-plain-cdpo": dict(lora=True, adaptive=False, loss_type="sigmoid", label_smoothing=0.1),
+    "lora-plain-capped": dict(lora=True, adaptive=False, loss_type="capped_sigmoid", misranked_weight=0.2),
     "lora-adaptive-no-ema": dict(lora=True, adaptive=True, loss_type="sigmoid", annotator_decays=[]),
     "lora-adaptive-quadratic-sqrt": dict(lora=True, adaptive=True, loss_type="sigmoid", weight_fn="sqrt", margin="quadratic"),
 }
@@ -432,6 +435,32 @@ def test_config_errors_name_the_field(field, value, message, tmp_path):
 def test_label_smoothing_only_with_sigmoid_or_robust(tmp_path):
     with pytest.raises(ValueError, match="AdaptiveDPOConfig.label_smoothing.*'hinge'"):
         AdaptiveDPOConfig(output_dir=str(tmp_path), report_to="none", loss_type="hinge", label_smoothing=0.1)
+
+
+def test_misranked_weight_only_with_capped_sigmoid(tmp_path):
+    with pytest.raises(ValueError, match="AdaptiveDPOConfig.misranked_weight.*'capped_sigmoid' only, not 'sigmoid'"):
+        AdaptiveDPOConfig(output_dir=str(tmp_path), report_to="none", misranked_weight=0.2)
+    with pytest.raises(ValueError, match=r"AdaptiveDPOConfig.misranked_weight must be in \(0, 1\], got 0"):
+        AdaptiveDPOConfig(output_dir=str(tmp_path), report_to="none", loss_type="capped_sigmoid", misranked_weight=0)
+    default = AdaptiveDPOConfig(output_dir=str(tmp_path), report_to="none", loss_type="capped_sigmoid")
+    assert default.misranked_weight == DEFAULT_MISRANKED_WEIGHT
+
+
+def test_misranked_weight_reaches_the_loss(toy_pairs, tmp_path):
+    """Step 1 sees l = 0 for every pair (policy = reference), so its gradient, and the model after it, do not depend
+    on the loss's treatment of misranked pairs; step 2 sees the same logits in every run, some negative, where
+    -log sigmoid(z) lies above its tangent log 2 - z/2 (misranked_weight 0.5), which lies above log 2 - 0.05 z."""
+    second_losses = {}
+    for name, options in {"sigmoid": {}, "tangent": dict(loss_type="capped_sigmoid", misranked_weight=0.5),
+                          "capped": dict(loss_type="capped_sigmoid", misranked_weight=0.05)}.items():
+        args = tiny_args(tmp_path / name, beta=BETA, adaptive=False, per_device_train_batch_size=8, **options)
+        trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=args, peft_config=lora_config(),
+                                              train_dataset=flip_labels(toy_pairs, 0.5, seed=0))
+        trainer.train()
+        first, second = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        assert first == pytest.approx(math.log(2.0), rel=1e-6)
+        second_losses[name] = second
+    assert second_losses["sigmoid"] > second_losses["tangent"] > second_losses["capped"]
 
 
 def test_every_config_field_has_help():

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .filtering import MINORITY_EVIDENCE, MINORITY_FILTERS
-from .losses import MARGIN_POWERS, PREFERENCE_LOSSES, WEIGHT_FUNCTIONS
+from .losses import DEFAULT_MISRANKED_WEIGHT, MARGIN_POWERS, PREFERENCE_LOSSES, WEIGHT_FUNCTIONS
 
 METRIC_NORMALIZATIONS = ("none", "rms")
 LATENT_SAMPLING = ("sample", "mean")
@@ -38,13 +38,24 @@ class AdaptiveDPOConfig(TrainingArguments):
         default="sigmoid",
         metadata={
             "help": "Preference loss of z = beta * l - gamma: `sigmoid` (Diffusion-DPO; cDPO with label_smoothing > 0), "
-            "`ipo` ((z - 1/2)^2 / beta^2, TRL's IPO), `robust` (Robust DPO, Chowdhury et al. 2024), `hinge` (relu(1 - z))."
+            "`ipo` ((z - 1/2)^2 / beta^2, TRL's IPO), `robust` (Robust DPO, Chowdhury et al. 2024), `hinge` (relu(1 - z)), "
+            "`capped_sigmoid` (-log sigmoid(z) for z >= 0, log 2 - misranked_weight * z below: this library's loss for "
+            "minority labels, docs/method.md)."
         },
     )
     label_smoothing: float = field(
         default=0.0,
         metadata={
             "help": "Assumed label-flip rate eps in [0, 0.5) for `sigmoid` (cDPO) and `robust`; 0 disables (TRL's default)."
+        },
+    )
+    misranked_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "For loss_type='capped_sigmoid' only: the fixed gradient weight of a pair ranked against its label "
+            "(z < 0), where -log sigmoid gives sigmoid(-z), up to 1. In (0, 1]; 0.5 is the logistic loss continued "
+            "by its tangent; smaller values let a minority of flipped pairs hold learning back less. None: 0.2, "
+            "chosen on validation seeds of the digits benchmark (docs/results.md)."
         },
     )
     # ---- Adaptive-DPO ------------------------------------------------------------------------------------
@@ -285,6 +296,14 @@ class AdaptiveDPOConfig(TrainingArguments):
         if self.label_smoothing > 0 and self.loss_type not in ("sigmoid", "robust"):
             raise ValueError(
                 f"AdaptiveDPOConfig.label_smoothing applies to loss_type 'sigmoid' or 'robust', not {self.loss_type!r}"
+            )
+        if self.loss_type == "capped_sigmoid":
+            if self.misranked_weight is None:
+                self.misranked_weight = DEFAULT_MISRANKED_WEIGHT
+            require("misranked_weight", 0.0 < self.misranked_weight <= 1.0, "in (0, 1]")
+        elif self.misranked_weight is not None:
+            raise ValueError(
+                f"AdaptiveDPOConfig.misranked_weight applies to loss_type 'capped_sigmoid' only, not {self.loss_type!r}"
             )
         self.annotator_decays = [float(d) for d in (self.annotator_decays or [])]
         for decay in self.annotator_decays:

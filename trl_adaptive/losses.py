@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -53,13 +55,17 @@ def implicit_rewards(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def sigmoid_loss(z: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+def sigmoid_loss(
+    z: torch.Tensor, beta: float, label_smoothing: float = 0.0, misranked_weight: float = 0.0
+) -> torch.Tensor:
     """Diffusion-DPO: ``-log sigmoid(z)``; with ``label_smoothing`` eps, conservative DPO (cDPO):
     ``-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)``."""
     return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
-def robust_loss(z: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+def robust_loss(
+    z: torch.Tensor, beta: float, label_smoothing: float = 0.0, misranked_weight: float = 0.0
+) -> torch.Tensor:
     """Robust DPO (Chowdhury et al. 2024), an unbiased loss under a known flip rate eps = ``label_smoothing``:
     ``(-(1 - eps) log sigmoid(z) + eps log sigmoid(-z)) / (1 - 2 eps)``."""
     return (-(1.0 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (
@@ -67,18 +73,44 @@ def robust_loss(z: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> t
     )
 
 
-def hinge_loss(z: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+def hinge_loss(
+    z: torch.Tensor, beta: float, label_smoothing: float = 0.0, misranked_weight: float = 0.0
+) -> torch.Tensor:
     """SLiC-style hinge: ``relu(1 - z)``."""
     return torch.relu(1.0 - z)
 
 
-def ipo_loss(z: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+#: ``misranked_weight`` of ``capped_sigmoid`` when the config leaves it unset (chosen on validation seeds of the digits
+#: benchmark, docs/results.md "Ninth round").
+DEFAULT_MISRANKED_WEIGHT = 0.2
+
+
+def capped_sigmoid_loss(
+    z: torch.Tensor, beta: float, label_smoothing: float = 0.0, misranked_weight: float = DEFAULT_MISRANKED_WEIGHT
+) -> torch.Tensor:
+    """Diffusion-DPO's ``-log sigmoid(z)`` for pairs ranked with their label (``z >= 0``) and, below zero, the
+    straight line ``log 2 - misranked_weight * z``: a pair ranked against its label pulls with the fixed weight
+    ``misranked_weight`` (the gradient's size in ``z``) instead of ``sigmoid(-z)``.
+
+    Why: under ``-log sigmoid`` the weight of a misranked pair grows towards 1 while that of a pair ranked correctly
+    falls towards 0, so once the model ranks the majority correctly by ``z*``, a share ``eps`` of flipped pairs
+    balances the rest at ``exp(z*) = (1 - eps) / eps``, and learning stalls at a small margin. With the weight capped
+    at ``w`` the balance moves to ``sigmoid(-z*) = eps * w / (1 - eps)``. A continuous loss with a kink at 0 (its
+    slope jumps from -1/2 to ``-misranked_weight``); ``misranked_weight=0.5`` is the logistic loss continued by its
+    tangent."""
+    return torch.where(z >= 0, -F.logsigmoid(z), math.log(2.0) - misranked_weight * z)
+
+
+def ipo_loss(
+    z: torch.Tensor, beta: float, label_smoothing: float = 0.0, misranked_weight: float = 0.0
+) -> torch.Tensor:
     """IPO (Azar et al. 2023) in TRL's convention ``(l - 1/(2 beta))^2``, written in ``z``:
     ``((z - 1/2) / beta)^2``. With ``gamma = 0`` this is exactly TRL's form; a margin shifts the target."""
     return ((z - 0.5) / beta).pow(2)
 
 
-PreferenceLoss = Callable[[torch.Tensor, float, float], torch.Tensor]
+#: ``(z, beta, label_smoothing, misranked_weight) -> per-pair losses``; each loss ignores the parameters it has no use for.
+PreferenceLoss = Callable[[torch.Tensor, float, float, float], torch.Tensor]
 
 #: The one registry of loss names accepted by ``AdaptiveDPOConfig.loss_type``.
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
@@ -86,6 +118,7 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "ipo": ipo_loss,
     "robust": robust_loss,
     "hinge": hinge_loss,
+    "capped_sigmoid": capped_sigmoid_loss,
 }
 
 
@@ -183,6 +216,7 @@ def preference_loss(
     label_smoothing: float = 0.0,
     weights: torch.Tensor | None = None,
     margins: torch.Tensor | None = None,
+    misranked_weight: float | None = None,
 ) -> torch.Tensor:
     """Per-pair loss ``W * loss_type(beta * l - gamma)``; plain Diffusion-DPO when weights and margins are None.
 
@@ -192,7 +226,9 @@ def preference_loss(
     z = beta * logits
     if margins is not None:
         z = z - margins
-    losses = PREFERENCE_LOSSES[loss_type](z, beta, label_smoothing)
+    if misranked_weight is None:
+        misranked_weight = DEFAULT_MISRANKED_WEIGHT
+    losses = PREFERENCE_LOSSES[loss_type](z, beta, label_smoothing, misranked_weight)
     if weights is not None:
         losses = weights * losses
     return losses

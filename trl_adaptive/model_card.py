@@ -21,8 +21,8 @@ ADAPTIVE_DPO_CITATION = """@article{zhang2025preferences,
 }"""
 
 CARD_HYPERPARAMETERS = (
-    "beta", "loss_type", "label_smoothing", "adaptive", "annotator_decays", "metric_rho", "metric_normalize",
-    "metric_warmup_steps", "weight_fn", "weight_scale", "weight_intercept", "margin", "margin_scale",
+    "beta", "loss_type", "label_smoothing", "misranked_weight", "adaptive", "annotator_decays", "metric_rho",
+    "metric_normalize", "metric_warmup_steps", "weight_fn", "weight_scale", "weight_intercept", "margin", "margin_scale",
     "resolution", "drop_ties", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
     "max_steps", "num_train_epochs", "seed",
 )

@@ -374,7 +374,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         keep = self.minority_filter_mask(out, inputs) if mode == "train" else None
         if keep is not None:
             weights = keep if weights is None else weights * keep
-        losses = preference_loss(logits, self.args.beta, self.args.loss_type, self.args.label_smoothing, weights, margins)
+        losses = preference_loss(logits, self.args.beta, self.args.loss_type, self.args.label_smoothing, weights, margins,
+                                 misranked_weight=self.args.misranked_weight)
         self._record_metrics(mode, out, u, weights, margins, inputs)
         if keep is not None:
             self._check_filter_regime(self._record_filter_metrics(keep, inputs), logits)
