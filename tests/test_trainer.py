@@ -11,8 +11,8 @@ from tiny_setup import SHARED_MODEL_CONFIGS, lora_config, tiny_args
 from transformers import TrainerCallback
 
 from trl_adaptive import AdaptiveDPOConfig, AdaptiveDiffusionDPOTrainer, flip_labels
-from trl_adaptive.tiny import tiny_sd_pipeline, toy_preference_dataset
 from trl_adaptive.losses import DEFAULT_MISRANKED_WEIGHT
+from trl_adaptive.tiny import tiny_sd_pipeline, toy_preference_dataset
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/margins_abs", "rewards/accuracies")
 DENOISING_METRICS = tuple(
