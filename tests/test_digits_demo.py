@@ -71,6 +71,58 @@ def test_diagnostic_drops_follow_the_labels_from_the_given_step(tmp_path, shares
         assert log["minority/clean_dropped"] == pytest.approx(expected_clean)
 
 
+@pytest.mark.parametrize("method", ["chosen_flipped", "chosen_clean", "chosen_both"])
+def test_evidence_chosen_drops_take_the_pairs_with_the_highest_evidence(tmp_path, method):
+    # chosen_*: in each chosen group, the pairs judged so far with the highest minority evidence are dropped (the
+    # group's share of them); a group not chosen loses the fixed random subset of matched_random.
+    import torch
+
+    from trl_adaptive import AdaptiveDPOConfig
+    from trl_adaptive.data import flip_labels, prepare_preference_dataset
+    from trl_adaptive.tiny import tiny_sd_pipeline, toy_preference_dataset
+
+    pairs, _ = prepare_preference_dataset(toy_preference_dataset(40, schema="trl"))
+    pairs = flip_labels(pairs, 0.5, seed=0)
+    fields = digits.method_overrides(method, 0.5, train_steps=3)
+    assert fields["minority_filter"] != "none"  # the filter's evidence is recorded
+    args = AdaptiveDPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, resolution=32,
+                             report_to=[], save_strategy="no", use_cpu=True, **fields)
+    shares = {"flipped": 0.5, "clean": 0.25}
+    trainer = digits._recording_trainer_class()(
+        tiny_sd_pipeline(), args=args, train_dataset=pairs, truth_filter_from=1,
+        truth_drop_shares=(shares["flipped"], shares["clean"]), evidence_chosen_groups=digits.EVIDENCE_CHOSEN_GROUPS[method])
+    history = trainer.evidence_history
+    rows = torch.tensor(list(pairs["row_index"]))
+    flipped = torch.tensor(list(pairs["flipped"]))
+    evidence = torch.linspace(0.0, 1.0, len(rows), dtype=torch.float64)[torch.randperm(len(rows))]
+    history.total[rows], history.weight[rows] = evidence, torch.ones(len(rows), dtype=torch.float64)
+    history.visits[rows] = 2
+    history.visits[rows[0]] = 0  # not judged yet (fewer than minority_filter_min_visits): never chosen
+    drops = trainer.diagnostic_drops()[rows]
+    for group, members in (("flipped", flipped), ("clean", ~flipped)):
+        if group in digits.EVIDENCE_CHOSEN_GROUPS[method]:
+            judged = members & (history.visits[rows] >= args.minority_filter_min_visits)
+            expected = judged & (evidence > torch.quantile(evidence[judged], 1 - shares[group]))
+            assert 0 < int(expected.sum()) <= round(shares[group] * int(judged.sum())) + 1
+        else:
+            expected = trainer.row_uniforms[rows] < shares[group]
+        assert torch.equal(drops[members], expected[members]), group
+    # The evidence comes from the filter: a run without it cannot choose by evidence.
+    plain = AdaptiveDPOConfig(output_dir=str(tmp_path), adaptive=False, max_steps=3, resolution=32, report_to=[],
+                              use_cpu=True)
+    with pytest.raises(ValueError, match="evidence"):
+        digits._recording_trainer_class()(tiny_sd_pipeline(), args=plain, train_dataset=pairs, truth_filter_from=1,
+                                          evidence_chosen_groups=("clean",))
+
+
+def test_drop_shares_option(tmp_path):
+    settings = digits.settings_from_args(digits.parse_args(["--drop-shares", "0.7", "0.1"]))
+    assert settings.drop_shares == (0.7, 0.1)
+    assert digits.settings_from_args(digits.parse_args([])).drop_shares is None  # the filter's shares at beta 2500
+    with pytest.raises(ValueError, match="--drop-shares"):
+        digits.settings_from_args(digits.parse_args(["--drop-shares", "0.7", "1.5"]))
+
+
 def test_beta_and_set_reach_every_method_config(tmp_path):
     # --beta changes every method's beta (the loss regime, docs/results.md "The beta regime"); --set only the filters'.
     settings = digits.settings_from_args(digits.parse_args(["--beta", "2500", "--set", "minority_filter_threshold=0.4"]))

@@ -80,6 +80,9 @@ class BenchmarkSettings:
     eval_samples_per_class: int = 30
     sampling_steps: int = 20
     rater_c: float = 0.05
+    #: (flipped, clean) shares that the drop diagnostics remove from the filter's warm-up on (`--drop-shares`); None:
+    #: MATCHED_DROP_SHARES, the shares the minority filter dropped at beta 2500.
+    drop_shares: tuple[float, float] | None = None
     #: AdaptiveDPOConfig fields of the 'filter' method (FILTER_OVERRIDES plus any --set).
     filter_overrides: dict = field(default_factory=lambda: dict(FILTER_OVERRIDES))
 
@@ -97,11 +100,15 @@ def quick_settings() -> BenchmarkSettings:
 
 
 #: Diagnostic methods (not in the default grid): Diffusion-DPO whose pairs are dropped by their true labels.
-DIAGNOSTIC_METHODS = ("oracle_late", "matched_random")
+DIAGNOSTIC_METHODS = ("oracle_late", "matched_random", "chosen_flipped", "chosen_clean", "chosen_both")
+#: The diagnostics that choose dropped pairs by the minority filter's evidence: the groups in which they choose.
+EVIDENCE_CHOSEN_GROUPS = {"chosen_flipped": ("flipped",), "chosen_clean": ("clean",), "chosen_both": ("flipped", "clean")}
 
 
 #: AdaptiveDPOConfig overrides of each method (the shared ones, beta, lr, steps, batch, come from the settings).
 def method_overrides(method: str, flip_rate: float, train_steps: int = 0, filter_overrides: dict | None = None) -> dict:
+    if method in EVIDENCE_CHOSEN_GROUPS:  # the filter's evidence is recorded (its own choice of pairs is not used)
+        return {"minority_filter_warmup_steps": int(FILTER_WARMUP_SHARE * train_steps), **FILTER_OVERRIDES}
     if method in ("dpo", "oracle", *DIAGNOSTIC_METHODS):
         return {"adaptive": False}
     if method == "cdpo":
@@ -149,9 +156,15 @@ METHOD_LABELS = {
     # Diagnostic, not in the default grid: the true labels drop every flipped pair, but only from the step where the
     # minority filter starts dropping (after its warm-up): the ceiling of any filter that starts there.
     "oracle_late": "oracle after the filter's warm-up (diagnostic)",
-    # Diagnostic: from the same step, drop a fixed random subset of the flipped pairs and of the clean pairs, at the
-    # shares the minority filter dropped (MATCHED_DROP_SHARES): the filter's counts, without its choice of pairs.
-    "matched_random": "random drops at the filter's rates (diagnostic)",
+    # Diagnostic: from the same step, drop a fixed random subset of the flipped pairs and of the clean pairs, by default
+    # at the shares the minority filter dropped (MATCHED_DROP_SHARES): the filter's counts, without its choice of pairs.
+    "matched_random": "random flipped and clean pairs dropped (diagnostic)",
+    # Diagnostics that split the filter's choice in two (docs/results.md, tenth round): from the same step, drop the
+    # flipped pairs with the highest minority evidence and random clean pairs, random flipped pairs and the clean
+    # pairs with the highest evidence, or both by evidence (shares: --drop-shares). Which choice costs the reward?
+    "chosen_flipped": "evidence-chosen flipped, random clean pairs dropped (diagnostic)",
+    "chosen_clean": "random flipped, evidence-chosen clean pairs dropped (diagnostic)",
+    "chosen_both": "evidence-chosen flipped and clean pairs dropped (diagnostic)",
 }
 #: Shares of flipped / clean pairs the minority filter dropped after its warm-up, per flip rate (mean of the reported
 #: seeds 0-2 at commit 1e5822d, beta 2500, docs/results.md), used by the `matched_random` diagnostic.
@@ -399,17 +412,28 @@ def _recording_trainer_class():
 
     Only used for the benchmark's diagnostics (AUROC of each method's minority evidence against `flipped`).
     """
+    from ..filtering import top_fraction_threshold
     from ..trainer import AdaptiveDiffusionDPOTrainer
 
     class RecordingTrainer(AdaptiveDiffusionDPOTrainer):
-        def __init__(self, *args, truth_filter_from: int | None = None, truth_drop_shares=(1.0, 0.0), **kwargs):
+        def __init__(self, *args, truth_filter_from: int | None = None, truth_drop_shares=(1.0, 0.0),
+                     evidence_chosen_groups: tuple[str, ...] = (), **kwargs):
             super().__init__(*args, **kwargs)
-            # Diagnostics: from step `truth_filter_from`, drop a fixed random share of the flipped / clean pairs.
+            # Diagnostics: from step `truth_filter_from`, drop a share of the flipped / clean pairs: a fixed random
+            # subset of each group, or in `evidence_chosen_groups` the pairs with the highest minority evidence.
             self.truth_filter_from = truth_filter_from
             self.truth_drop_shares = truth_drop_shares
-            self.row_uniforms = None if truth_filter_from is None else torch.rand(
-                len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed)
-            )
+            self.evidence_chosen_groups = tuple(evidence_chosen_groups)
+            if self.evidence_chosen_groups and self.evidence_history is None:
+                raise ValueError("evidence_chosen_groups needs the minority filter's evidence (minority_filter != 'none')")
+            self.row_uniforms = self.row_flipped = None
+            if truth_filter_from is not None:
+                self._filter_regime_checked = True  # the filter's regime warning is about its own drops, not these
+                num_rows = max(self.train_dataset["row_index"]) + 1
+                self.row_uniforms = torch.rand(num_rows, generator=torch.Generator().manual_seed(self.args.seed))
+                self.row_flipped = torch.zeros(num_rows, dtype=torch.bool)
+                self.row_flipped[torch.tensor(self.train_dataset["row_index"])] = torch.tensor(
+                    self.train_dataset["flipped"]).bool()
             self.visits = {"row": [], "step": [], "logit": [], "score": []}
             self.metric_history: dict[str, list[float]] = {}
 
@@ -425,14 +449,27 @@ def _recording_trainer_class():
             return (loss, out) if return_outputs else loss
 
         def minority_filter_mask(self, out, inputs):
+            keep = super().minority_filter_mask(out, inputs)  # also records the filter's evidence, if it has any
             if self.truth_filter_from is None:
-                return super().minority_filter_mask(out, inputs)
+                return keep
             if self.state.global_step < self.truth_filter_from:
                 return None
-            flipped = inputs["flipped"].bool().cpu()
-            u = self.row_uniforms[inputs["row_index"].long().cpu()]
-            drop = torch.where(flipped, u < self.truth_drop_shares[0], u < self.truth_drop_shares[1])
+            drop = self.diagnostic_drops()[inputs["row_index"].long().cpu()]
             return (~drop).float().to(out["logits"][0].device)
+
+        def diagnostic_drops(self) -> torch.Tensor:
+            """Rows the truth diagnostics drop now (bool per row index)."""
+            flipped, u = self.row_flipped, self.row_uniforms
+            drops = {"flipped": flipped & (u < self.truth_drop_shares[0]),
+                     "clean": ~flipped & (u < self.truth_drop_shares[1])}
+            evidence = self.evidence_history.total / self.evidence_history.weight.clamp_min(1e-12) if (
+                self.evidence_chosen_groups) else None
+            for group in self.evidence_chosen_groups:  # its share with the highest evidence, among its judged pairs
+                members = (flipped if group == "flipped" else ~flipped) & (
+                    self.evidence_history.visits >= self.args.minority_filter_min_visits)
+                share = self.truth_drop_shares[0 if group == "flipped" else 1]
+                drops[group] = members & (evidence > top_fraction_threshold(evidence[members], share))
+            return drops["flipped"] | drops["clean"]
 
         def minority_scores(self, annotator_logits, inputs, training):
             u = super().minority_scores(annotator_logits, inputs, training)
@@ -491,7 +528,9 @@ def train_method(base_folder: str, dataset, method: str, flip_rate: float, setti
     diagnostic = {}
     if method in DIAGNOSTIC_METHODS:
         diagnostic["truth_filter_from"] = int(FILTER_WARMUP_SHARE * settings.train_steps)
-        diagnostic["truth_drop_shares"] = (1.0, 0.0) if method == "oracle_late" else MATCHED_DROP_SHARES[flip_rate]
+        diagnostic["truth_drop_shares"] = (
+            (1.0, 0.0) if method == "oracle_late" else settings.drop_shares or MATCHED_DROP_SHARES[flip_rate])
+        diagnostic["evidence_chosen_groups"] = EVIDENCE_CHOSEN_GROUPS.get(method, ())
     trainer = _recording_trainer_class()(model=pipeline, ref_model=reference, args=args, train_dataset=dataset,
                                          callbacks=callbacks, **diagnostic)
     trainer.remove_callback(PrinterCallback)  # the benchmark prints its own one-line summary per run
@@ -917,6 +956,10 @@ def parse_args(argv=None):
     parser.add_argument("--train-steps", type=int, default=None, help="Override the fine-tuning steps per run.")
     parser.add_argument("--learning-rate", type=float, default=None, help="Override the fine-tuning learning rate.")
     parser.add_argument("--beta", type=float, default=None, help="Override beta, the DPO strength, for every method (default 100; the earlier study used 2500).")
+    parser.add_argument("--drop-shares", type=float, nargs=2, default=None, metavar=("FLIPPED", "CLEAN"),
+                        help="Shares of the flipped and of the clean pairs that the drop diagnostics (matched_random, "
+                        "chosen_flipped, chosen_clean, chosen_both) remove after the filter's warm-up (default: the filter's shares "
+                        "at beta 2500).")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="Extra AdaptiveDPOConfig field for the two filter methods, 'filter' and 'filter_free' "
                         "(repeatable), for sweeps; it overrides the shared settings too (e.g. beta).")
@@ -958,6 +1001,10 @@ def settings_from_args(args) -> BenchmarkSettings:
         settings.learning_rate = args.learning_rate
     if args.beta is not None:  # not `if args.beta`: --beta 0 must reach AdaptiveDPOConfig's check, not be ignored
         settings.beta = args.beta
+    if args.drop_shares is not None:
+        if not all(0.0 <= share <= 1.0 for share in args.drop_shares):
+            raise ValueError(f"--drop-shares must be two shares in [0, 1], got {args.drop_shares}")
+        settings.drop_shares = tuple(args.drop_shares)
     settings.filter_overrides.update(_parse_override(o) for o in args.overrides)
     return settings
 
