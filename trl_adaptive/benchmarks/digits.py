@@ -108,7 +108,7 @@ EVIDENCE_CHOSEN_GROUPS = {"chosen_flipped": ("flipped",), "chosen_clean": ("clea
 #: AdaptiveDPOConfig overrides of each method (the shared ones, beta, lr, steps, batch, come from the settings).
 def method_overrides(method: str, flip_rate: float, train_steps: int = 0, filter_overrides: dict | None = None) -> dict:
     if method in EVIDENCE_CHOSEN_GROUPS:  # the filter's evidence is recorded (its own choice of pairs is not used)
-        return {"minority_filter_warmup_steps": int(FILTER_WARMUP_SHARE * train_steps), **FILTER_OVERRIDES}
+        return method_overrides("filter", flip_rate, train_steps)
     if method in ("dpo", "oracle", *DIAGNOSTIC_METHODS):
         return {"adaptive": False}
     if method == "cdpo":
@@ -958,8 +958,8 @@ def parse_args(argv=None):
     parser.add_argument("--beta", type=float, default=None, help="Override beta, the DPO strength, for every method (default 100; the earlier study used 2500).")
     parser.add_argument("--drop-shares", type=float, nargs=2, default=None, metavar=("FLIPPED", "CLEAN"),
                         help="Shares of the flipped and of the clean pairs that the drop diagnostics (matched_random, "
-                        "chosen_flipped, chosen_clean, chosen_both) remove after the filter's warm-up (default: the filter's shares "
-                        "at beta 2500).")
+                        "chosen_flipped, chosen_clean, chosen_both) remove after the filter's warm-up (default: the "
+                        "filter's shares at beta 2500).")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="Extra AdaptiveDPOConfig field for the two filter methods, 'filter' and 'filter_free' "
                         "(repeatable), for sweeps; it overrides the shared settings too (e.g. beta).")
