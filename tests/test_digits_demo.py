@@ -29,7 +29,7 @@ def test_quick_demo_writes_complete_outputs(tmp_path):
     for key, run in saved["per_seed"][0]["runs"].items():
         assert 0.0 <= run["reward"] <= 1.0 and 0.0 <= run["win_rate"] <= 1.0, key
     summary = saved["summary"]
-    gap_closed = summary["filter@0.2"].get("gap_closed")
+    gap_closed = summary["contrast_filter@0.2"].get("gap_closed")
     assert gap_closed is None or math.isfinite(gap_closed)  # None when the oracle does not beat DPO
     # The paper's Figure 3 and the AUROC of u come from the adaptive run with flipped pairs.
     assert 0.0 <= summary["adaptive@0.2"]["auroc_u_pair_mean"] <= 1.0
@@ -126,11 +126,16 @@ def test_drop_shares_option(tmp_path):
 def test_beta_and_set_reach_every_method_config(tmp_path):
     # --beta changes every method's beta (the loss regime, docs/results.md "The beta regime"); --set only the filters'.
     settings = digits.settings_from_args(digits.parse_args(["--beta", "2500", "--set", "minority_filter_threshold=0.4"]))
-    for method in ("dpo", "cdpo", "adaptive", "capped", "filter", "filter_free", "oracle"):
+    for method in ("dpo", "cdpo", "adaptive", "capped", "filter", "filter_free", "contrast_filter", "oracle"):
         config = digits.method_config(method, 0.2, settings, seed=3, work_dir=str(tmp_path))
         assert config.beta == 2500.0 and config.seed == 3 and config.max_steps == settings.train_steps, method
         assert (config.minority_filter_threshold == 0.4) == (method in ("filter", "filter_free")), method
         assert (config.loss_type == "capped_sigmoid") == (method == "capped"), method
+        assert (config.minority_evidence == "prompt_contrast") == (method == "contrast_filter"), method
+    # The contrast filter judges by the fixed reference: no decay, no warm-up beyond the visits a pair needs.
+    contrast = digits.method_config("contrast_filter", 0.2, settings, seed=3, work_dir=str(tmp_path))
+    assert contrast.minority_evidence_decay == 0.0 and contrast.minority_filter_warmup_steps == 0
+    assert contrast.minority_filter == "threshold" and contrast.minority_evidence_draws == 2
     assert digits.method_config("dpo", 0.2, digits.BenchmarkSettings(), 0, str(tmp_path)).beta == 100.0
     # A bad --beta is an error that names the option, not silently the default.
     zero = digits.settings_from_args(digits.parse_args(["--beta", "0"]))

@@ -108,6 +108,26 @@ def test_condition_gives_pair_rows_a_real_forward_accepts(case, batch):
         assert not torch.allclose(other, prediction)
 
 
+def test_prompt_shift_gives_each_pair_another_pairs_text_and_keeps_image_conditioning(case, batch):
+    build, _, _ = case
+    family = family_for(build())
+    own, shifted = family.condition(batch), family.condition(batch, prompt_shift=1)
+    text_leaves = [("encoder_hidden_states",)]
+    if "added_cond_kwargs" in own:
+        text_leaves.append(("added_cond_kwargs", "text_embeds"))
+        # SDXL's time ids describe each image, not its prompt: they stay with the image.
+        torch.testing.assert_close(shifted["added_cond_kwargs"]["time_ids"], own["added_cond_kwargs"]["time_ids"])
+    for path in text_leaves:
+        a, b = own, shifted
+        for key in path:
+            a, b = a[key], b[key]
+        for half in (slice(0, 4), slice(4, 8)):  # winners' rows, then losers': pair i now has pair i - 1's text
+            torch.testing.assert_close(b[half], a[half].roll(1, 0))
+    # The toy prompts cycle through three colours, so pair 0 and pair 3 have the same text and the others differ.
+    hidden, other = own["encoder_hidden_states"][:4], shifted["encoder_hidden_states"][:4]
+    assert (hidden != other).flatten(1).any(dim=1).tolist() == [False, True, True, True]
+
+
 def test_sampled_timesteps_respect_min_noise_and_noise_level_is_their_fraction(case):
     build, _, _ = case
     family = family_for(build())

@@ -8,6 +8,7 @@ from trl_adaptive.filtering import (
     minority_keep_mask,
     mixture_minority_posterior,
     mixture_separation,
+    prompt_contrast_evidence,
     top_fraction_threshold,
     two_gaussian_mixture,
 )
@@ -89,6 +90,16 @@ def test_wrong_sign_evidence_votes_when_logit_negative():
     from trl_adaptive.filtering import wrong_sign_evidence
 
     assert wrong_sign_evidence(torch.tensor([0.3, -1e-6, 0.0, -2.0])).tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_prompt_contrast_evidence_votes_when_the_prompt_fits_the_loser_better():
+    # Errors of (winner 0, winner 1, loser 0, loser 1) under the own prompts and under contrast prompts. How much the
+    # own prompt helps (contrast - own): winners 0.4 and 0.1, losers 0.1 and 0.5. Pair 0's label agrees with the
+    # reference (vote 0), pair 1's does not (vote 1); absolute error levels do not matter, only the differences.
+    own = torch.tensor([1.0, 2.0, 1.5, 1.0])
+    contrast = torch.tensor([1.4, 2.1, 1.6, 1.5])
+    assert prompt_contrast_evidence(own, contrast).tolist() == [0.0, 1.0]
+    assert prompt_contrast_evidence(own + 7.0, contrast + 7.0).tolist() == [0.0, 1.0]
 
 
 def test_pair_history_plain_mean_counts_visits_not_votes(tmp_path):

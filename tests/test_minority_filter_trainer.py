@@ -122,3 +122,79 @@ def test_filter_warns_once_in_the_logistic_regime_only(tmp_path):
     assert len(logistic) == 1 and "median |beta * l|" in str(logistic[0].message)
     # beta 1e9: the same logits give |beta l| far above 4 (a hinge-like loss): no warning.
     assert _filter_warnings(tmp_path / "hinge", beta=1e9) == []
+
+
+def _prompt_contrast_args(folder, **overrides):
+    values = dict(
+        output_dir=str(folder), adaptive=False, max_steps=2, per_device_train_batch_size=4, resolution=32,
+        learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+        minority_filter="top_fraction", minority_filter_fraction=0.5, minority_evidence="prompt_contrast",
+        minority_evidence_draws=1, minority_evidence_decay=0.0, minority_evidence_min_noise=0.0,
+        minority_filter_min_visits=1, minority_filter_warmup_steps=1,
+    )
+    values.update(overrides)
+    return AdaptiveDPOConfig(**values)
+
+
+def test_prompt_contrast_votes_come_from_the_reference_not_the_policy(tmp_path, monkeypatch):
+    torch.set_flush_denormal(True)
+    counted = []
+    original = AdaptiveDiffusionDPOTrainer.prompt_contrast_votes
+
+    def spy(self, *args, **kwargs):
+        votes, differs = original(self, *args, **kwargs)
+        counted.append(int(differs.sum()))
+        return votes, differs
+
+    monkeypatch.setattr(AdaptiveDiffusionDPOTrainer, "prompt_contrast_votes", spy)
+    trainer = AdaptiveDiffusionDPOTrainer(
+        tiny_sd_pipeline(), args=_prompt_contrast_args(tmp_path), train_dataset=toy_preference_dataset(4)
+    )
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+    def votes():
+        noised = trainer._noised_pairs(trainer.model, inputs, draw=1, min_noise=0.5)
+        return trainer.prompt_contrast_votes(trainer.model, inputs, noised)
+
+    before, differs = votes()
+    parameters_before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(parameters_before, trainer.model.parameters()))  # policy moved
+    trainer.state.global_step = 0  # the same draw again
+    after, differs_after = votes()
+    assert torch.equal(before, after) and torch.equal(differs, differs_after)
+    # Pair i is contrasted with pair i - 1 of the batch; a vote counts only where the two prompts differ (the toy
+    # prompts cycle through three colours, so two of the four pairs share their text).
+    prompts = inputs["prompts"]
+    assert differs.tolist() == [prompts[i] != prompts[i - 1] for i in range(4)]
+    assert 0 < sum(differs.tolist()) < 4
+    # Two steps, each with the training draw and one extra draw: every counted vote is one record (no decay).
+    history = trainer.evidence_history
+    assert len(counted) == 2 + 2 + 2  # the two calls above, then two per training step
+    assert float(history.weight.sum()) == sum(counted[1:-1])
+    assert any("minority/evidence_mean" in log for log in trainer.state.log_history)
+
+
+def test_prompt_contrast_warns_when_the_reference_barely_agrees_with_the_labels(tmp_path, monkeypatch):
+    import trl_adaptive.trainer as trainer_module
+
+    torch.set_flush_denormal(True)
+
+    def messages(minimum, folder):
+        monkeypatch.setattr(trainer_module, "PROMPT_CONTRAST_MIN_AGREEMENT", minimum)
+        trainer = AdaptiveDiffusionDPOTrainer(
+            tiny_sd_pipeline(), args=_prompt_contrast_args(folder, max_steps=3, beta=1.0),
+            train_dataset=toy_preference_dataset(8),
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        assert any(log.get("minority/kept_fraction", 1) < 1 for log in trainer.state.log_history)  # it dropped
+        return [str(w.message) for w in caught if "starts dropping pairs" in str(w.message)]
+
+    # Agreement is a share in [0, 1]: a minimum above 1 always warns, one below 0 never. Either way the logistic-regime
+    # warning of the policy-driven evidence stays silent (beta 1 would trigger it): the reference's votes do not
+    # depend on the loss's regime.
+    warned = messages(1.01, tmp_path / "always")
+    assert len(warned) == 1 and "agrees with the labels on only" in warned[0]
+    assert messages(-0.01, tmp_path / "never") == []

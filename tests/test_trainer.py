@@ -437,6 +437,15 @@ def test_label_smoothing_only_with_sigmoid_or_robust(tmp_path):
         AdaptiveDPOConfig(output_dir=str(tmp_path), report_to="none", loss_type="hinge", label_smoothing=0.1)
 
 
+def test_prompt_contrast_needs_other_pairs_in_the_batch(tmp_path):
+    message = "AdaptiveDPOConfig.minority_evidence='prompt_contrast' needs per_device_train_batch_size >= 2, got 1"
+    with pytest.raises(ValueError, match=message):
+        AdaptiveDPOConfig(output_dir=str(tmp_path), report_to="none", minority_filter="threshold",
+                          minority_evidence="prompt_contrast", per_device_train_batch_size=1)
+    AdaptiveDPOConfig(output_dir=str(tmp_path), report_to="none", minority_evidence="prompt_contrast",
+                      per_device_train_batch_size=1)  # the filter is off: nothing is judged, nothing to contrast
+
+
 def test_misranked_weight_only_with_capped_sigmoid(tmp_path):
     with pytest.raises(ValueError, match="AdaptiveDPOConfig.misranked_weight.*'capped_sigmoid' only, not 'sigmoid'"):
         AdaptiveDPOConfig(output_dir=str(tmp_path), report_to="none", misranked_weight=0.2)

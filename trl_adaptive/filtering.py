@@ -21,7 +21,7 @@ import torch
 #: Values of ``AdaptiveDPOConfig.minority_filter``.
 MINORITY_FILTERS = ("none", "top_fraction", "threshold", "mixture")
 #: Values of ``AdaptiveDPOConfig.minority_evidence``.
-MINORITY_EVIDENCE = ("logit", "wrong_sign", "score")
+MINORITY_EVIDENCE = ("logit", "wrong_sign", "score", "prompt_contrast")
 
 
 def logit_evidence(logits: torch.Tensor, rms: torch.Tensor | float) -> torch.Tensor:
@@ -41,6 +41,20 @@ def wrong_sign_evidence(logits: torch.Tensor) -> torch.Tensor:
     timesteps with large logits do not dominate it (they do dominate the mean of ``-l / rms``).
     """
     return (logits.detach() < 0).float()
+
+
+def prompt_contrast_evidence(own_errors: torch.Tensor, contrast_errors: torch.Tensor) -> torch.Tensor:
+    """Minority evidence of one draw from the *reference* model: 1 when it finds the labelled loser more faithful to
+    the pair's prompt than the labelled winner.
+
+    ``own_errors`` and ``contrast_errors`` (2B,), winners first: the reference's denoising errors of each image on the
+    same noise and timestep, conditioned on the pair's own prompt and on another pair's prompt. How much the own
+    prompt lowers an image's error, ``contrast - own``, is a zero-shot score of how well the image matches its prompt
+    (the diffusion-classifier idea); the vote says the label contradicts it. Detached.
+    """
+    fidelity = (contrast_errors.detach() - own_errors.detach()).float()
+    winners, losers = fidelity.chunk(2)
+    return (winners < losers).float()
 
 
 def top_fraction_threshold(evidence_means: torch.Tensor, fraction: float) -> float:

@@ -61,7 +61,7 @@ class BenchmarkSettings:
     """Every knob of one benchmark run (the defaults are the full grid; `quick()` the CI smoke size)."""
 
     flip_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
-    methods: tuple[str, ...] = ("dpo", "cdpo", "adaptive", "adaptive_amortised", "capped", "filter", "filter_free",
+    methods: tuple[str, ...] = ("dpo", "cdpo", "adaptive", "adaptive_amortised", "capped", "contrast_filter", "filter_free",
                                 "oracle")
     #: Pretraining phases (steps, batch); each phase restarts a one-cycle lr schedule (peak 2e-3) with seed = its
     #: index. Measured: after (400, 128) samples were 21% correct for the rater; after a second (1200, 64) phase 92%.
@@ -119,6 +119,8 @@ def method_overrides(method: str, flip_rate: float, train_steps: int = 0, filter
         return {"adaptive": True, "annotator_interval": 10}
     if method == "capped":  # this library's loss for minority labels, at its default misranked_weight (docs/method.md)
         return {"adaptive": False, "loss_type": "capped_sigmoid"}
+    if method == "contrast_filter":  # the minority filter on the reference's prompt-contrast votes (eleventh round)
+        return dict(CONTRAST_FILTER_OVERRIDES)
     if method in ("filter", "filter_free"):  # this library's minority filter (docs/minority_filter.md, docs/results.md)
         overrides = {"minority_filter_warmup_steps": int(FILTER_WARMUP_SHARE * train_steps)}
         overrides.update(FILTER_OVERRIDES if filter_overrides is None else filter_overrides)
@@ -141,6 +143,21 @@ FILTER_OVERRIDES: dict = {
     "minority_evidence_min_noise": 0.7,
     "minority_filter_min_visits": 2,
 }
+#: The minority filter judging by the reference model's prompt-contrast votes (docs/minority_filter.md), chosen on
+#: validation seeds at beta 100 (docs/results.md, eleventh round). The reference does not change: no decay, and no
+#: warm-up beyond the visits a pair needs to be judged.
+CONTRAST_FILTER_OVERRIDES: dict = {
+    "adaptive": False,
+    "minority_filter": "threshold",
+    "minority_filter_threshold": 0.5,
+    "minority_filter_max_fraction": 0.3,
+    "minority_evidence": "prompt_contrast",
+    "minority_evidence_draws": 2,
+    "minority_evidence_decay": 0.0,
+    "minority_evidence_min_noise": 0.7,
+    "minority_filter_min_visits": 2,
+    "minority_filter_warmup_steps": 0,
+}
 #: Share of the fine-tuning steps spent gathering evidence before the filter drops anything.
 FILTER_WARMUP_SHARE = 1 / 3
 
@@ -152,6 +169,7 @@ METHOD_LABELS = {
     "capped": "capped sigmoid (ours)",
     "filter": "minority filter (ours)",
     "filter_free": "minority filter, training draw only (ours)",
+    "contrast_filter": "minority filter, reference prompt contrast (ours)",
     "oracle": "oracle (flipped pairs removed)",
     # Diagnostic, not in the default grid: the true labels drop every flipped pair, but only from the step where the
     # minority filter starts dropping (after its warm-up): the ceiling of any filter that starts there.
@@ -166,6 +184,8 @@ METHOD_LABELS = {
     "chosen_clean": "random flipped, evidence-chosen clean pairs dropped (diagnostic)",
     "chosen_both": "evidence-chosen flipped and clean pairs dropped (diagnostic)",
 }
+#: Methods whose samples (first seed, highest flip rate) go into the sample grid beside the base model's.
+SAMPLED_METHODS = ("dpo", "adaptive", "filter", "contrast_filter")
 #: Shares of flipped / clean pairs the minority filter dropped after its warm-up, per flip rate (mean of the reported
 #: seeds 0-2 at commit 1e5822d, beta 2500, docs/results.md), used by the `matched_random` diagnostic.
 MATCHED_DROP_SHARES = {0.1: (0.78, 0.24), 0.2: (0.62, 0.22), 0.3: (0.54, 0.20)}
@@ -721,7 +741,7 @@ def run_seed(seed: int, settings: BenchmarkSettings, base, base_folder: str, rat
         finished[key] = run
         log(f"  seed {seed} {METHOD_LABELS[run['method']]:<40} flips {run['flip_rate']:.0%}: reward {run['reward']:.4f} "
             f"(gain {run['reward_gain']:+.4f}), win rate {run['win_rate']:.3f}, {run['train_seconds']:.0f}s")
-        if keep_samples and run["flip_rate"] == max(settings.flip_rates) and run["method"] in ("dpo", "adaptive", "filter"):
+        if keep_samples and run["flip_rate"] == max(settings.flip_rates) and run["method"] in SAMPLED_METHODS:
             samples[key] = images
         bar.update(1)
 

@@ -109,14 +109,19 @@ class DiffusionFamily(ABC):
         """
         return conditioning
 
-    def condition(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def condition(self, batch: dict[str, Any], prompt_shift: int = 0) -> dict[str, Any]:
         """Denoiser keyword arguments for the 2B images of a collated batch of B pairs (winners first, then losers):
         cached embeddings when present, else encoded prompts, repeated for both images of each pair, plus any
-        per-image conditioning from `extra_conditioning`."""
+        per-image conditioning from `extra_conditioning`.
+
+        `prompt_shift` k != 0 gives pair i the text conditioning of pair (i - k) mod B instead of its own (the image
+        conditioning stays each image's): the contrast prompts of `minority_evidence="prompt_contrast"`."""
         if "prompt_embeds" in batch:
             conditioning = self.conditioning_from_cache(batch)
         else:
             conditioning = self.encode_prompts(batch["prompts"])
+        if prompt_shift:
+            conditioning = tree_map(lambda x: x.roll(prompt_shift, 0) if isinstance(x, torch.Tensor) else x, conditioning)
         return self.extra_conditioning(batch, repeat_for_pairs(conditioning))
 
     def conditioning_from_cache(self, batch: dict[str, Any]) -> dict[str, Any]:
