@@ -9,6 +9,10 @@ pair keeps being ranked "wrongly". One step's logit is too noisy to show that (a
 the mean over a pair's visits is not. This is the small-loss trick of noisy-label learning (Co-teaching, DivideMix)
 applied to Diffusion-DPO's logit.
 
+The policy's own evidence cannot tell a flipped pair from a clean pair the model has not learned yet (both are ranked
+against their label); ``prompt_contrast_evidence`` asks the fixed reference model instead, which judges how well each
+image fits its prompt (docs/minority_filter.md, "The reference as a judge").
+
 Convention: *evidence* is larger for pairs that look more like minority labels (as ``u`` is).
 
 Everything here is a pure function of tensors; the trainer keeps the per-pair sums (``trl_adaptive.history``).

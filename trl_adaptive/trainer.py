@@ -482,8 +482,10 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         return keep
 
     def _check_filter_regime(self, global_keep: torch.Tensor, logits: torch.Tensor) -> None:
-        """Warn once, when the filter first drops a pair, if the loss is in the logistic regime: there the filter was
-        measured to harm (docs/minority_filter.md, "Limits"). Decided on gathered values, so every process agrees."""
+        """Warn once, when the filter first drops a pair, if its evidence is unlikely to help: with the policy's own
+        evidence, if the loss is in the logistic regime, where that filter was measured to harm; with the reference's
+        `prompt_contrast` votes, if they barely agree with the labels (docs/minority_filter.md, "Limits"). Decided on
+        gathered values, so every process agrees."""
         if self._filter_regime_checked or not (global_keep < 1).any():
             return
         self._filter_regime_checked = True
