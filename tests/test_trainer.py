@@ -310,6 +310,19 @@ def test_model_card_records_ties_and_create_model_card(tmp_path):
     assert "`my/pairs`" in card and "1 ties dropped" in card and "LoRA (rank 4)" in card
 
 
+def test_model_card_says_when_and_how_the_minority_filter_dropped_pairs(tmp_path):
+    from trl_adaptive.model_card import build_model_card
+
+    def card(**fields):
+        return build_model_card(tiny_args(tmp_path, **fields), None, None, "StableDiffusionPipeline", None, 10)
+
+    assert "minority filter" not in card() and "| `minority_filter` | `none` |" in card()
+    contrast = card(minority_filter="threshold", minority_evidence="prompt_contrast")
+    assert "the reference model, judging which image fits the prompt better" in contrast
+    assert "| `minority_evidence` | `prompt_contrast` |" in contrast
+    assert "the model being trained ranked them against their label" in card(minority_filter="threshold")
+
+
 def test_model_card_names_a_hub_base_model_in_metadata(tmp_path):
     from trl_adaptive.model_card import build_model_card
 

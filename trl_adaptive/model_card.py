@@ -23,9 +23,18 @@ ADAPTIVE_DPO_CITATION = """@article{zhang2025preferences,
 CARD_HYPERPARAMETERS = (
     "beta", "loss_type", "label_smoothing", "misranked_weight", "adaptive", "annotator_decays", "metric_rho",
     "metric_normalize", "metric_warmup_steps", "weight_fn", "weight_scale", "weight_intercept", "margin", "margin_scale",
-    "resolution", "drop_ties", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "minority_filter", "minority_evidence", "minority_filter_threshold", "minority_filter_max_fraction", "resolution", "drop_ties", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
     "max_steps", "num_train_epochs", "seed",
 )
+
+
+#: What the model card says about the minority filter (trl-adaptive's option, not in the papers), by its evidence.
+MINORITY_FILTER_SENTENCES = {
+    "prompt_contrast": "Pairs were dropped while the reference model, judging which image fits the prompt better, "
+    "contradicted their label on most of its votes (trl-adaptive's minority filter with `prompt_contrast` evidence).",
+    **{kind: "Pairs were dropped while the model being trained ranked them against their label across their visits "
+       "(trl-adaptive's minority filter)." for kind in ("wrong_sign", "logit", "score")},
+}
 
 
 def hub_model_id(name: str | None) -> str | None:
@@ -94,6 +103,7 @@ here equals 5000 in the original Diffusion-DPO code).
 {"Adaptive-DPO scores each pair with a minority metric u from the current model and its EMA copies, then trains on "
  "`-W(u) log sigmoid(beta * l - gamma(u))`, down-weighting likely minority (mislabelled or idiosyncratic) pairs."
  if args.adaptive else ""}
+{MINORITY_FILTER_SENTENCES.get(args.minority_evidence, "") if args.minority_filter != "none" else ""}
 
 ## Training hyperparameters
 
