@@ -48,8 +48,15 @@ def main(argv=None):
     num_pairs, unet, scheduler = len(prompts), base.unet.eval(), base.scheduler
 
     def errors(embeds, noisy, timesteps, noise):
+        """The base model's denoising error of every image (winners, then losers) under one prompt per pair."""
         with torch.no_grad():
-            return denoising_error(unet(noisy, timesteps, encoder_hidden_states=torch.cat([embeds, embeds])).sample, noise)
+            prediction = unet(noisy, timesteps, encoder_hidden_states=torch.cat([embeds, embeds])).sample
+        return denoising_error(prediction, noise)
+
+    def other_digits(k):
+        """Each pair's prompt with its digit replaced by the digit k places further (k = 1..9)."""
+        prompts_k = [t.format(digits.DIGIT_WORDS[(d + k) % 10]) for t, d in zip(template, digit_of)]
+        return digits.encode_prompts(base, prompts_k)
 
     own = digits.encode_prompts(base, prompts)
     empty = digits.encode_prompts(base, [""]).expand_as(own).contiguous()
@@ -73,10 +80,9 @@ def main(argv=None):
             contrasts = {
                 "other pair": errors(digits.encode_prompts(base, others), noisy, timesteps2, noise2),
                 "empty": errors(empty, noisy, timesteps2, noise2),
-                "nine digits": torch.stack([
-                    errors(digits.encode_prompts(base, [t.format(digits.DIGIT_WORDS[(d + k) % 10])
-                                                        for t, d in zip(template, digit_of)]), noisy, timesteps2, noise2)
-                    for k in range(1, 10)]).mean(0),
+                "nine digits": torch.stack(
+                    [errors(other_digits(k), noisy, timesteps2, noise2) for k in range(1, 10)]
+                ).mean(0),
             }
             same = torch.tensor([a == b for a, b in zip(prompts, others)])
             for name, contrast in contrasts.items():
@@ -87,7 +93,8 @@ def main(argv=None):
                 shares[name] += vote.numpy() / args.draws
         for name, share in shares.items():
             clean_agreement = 1 - np.where(flipped, 1 - share, share).mean()
-            print(f"| [{low}, {high}) | {name} | {clean_agreement:.3f} | {digits.auroc(share, flipped):.3f} |", flush=True)
+            auroc = digits.auroc(share, flipped)
+            print(f"| [{low}, {high}) | {name} | {clean_agreement:.3f} | {auroc:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

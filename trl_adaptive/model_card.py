@@ -23,8 +23,9 @@ ADAPTIVE_DPO_CITATION = """@article{zhang2025preferences,
 CARD_HYPERPARAMETERS = (
     "beta", "loss_type", "label_smoothing", "misranked_weight", "adaptive", "annotator_decays", "metric_rho",
     "metric_normalize", "metric_warmup_steps", "weight_fn", "weight_scale", "weight_intercept", "margin", "margin_scale",
-    "minority_filter", "minority_evidence", "minority_filter_threshold", "minority_filter_max_fraction", "resolution", "drop_ties", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "max_steps", "num_train_epochs", "seed",
+    "minority_filter", "minority_evidence", "minority_filter_threshold", "minority_filter_max_fraction", "resolution",
+    "drop_ties", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+    "num_train_epochs", "seed",
 )
 
 
@@ -33,7 +34,9 @@ MINORITY_FILTER_SENTENCES = {
     "prompt_contrast": "Pairs were dropped while the reference model, judging which image fits the prompt better, "
     "contradicted their label on most of its votes (trl-adaptive's minority filter with `prompt_contrast` evidence).",
     **{kind: "Pairs were dropped while the model being trained ranked them against their label across their visits "
-       "(trl-adaptive's minority filter)." for kind in ("wrong_sign", "logit", "score")},
+       "(trl-adaptive's minority filter)." for kind in ("wrong_sign", "logit")},
+    "score": "Pairs were dropped while their Adaptive-DPO minority score, averaged over their visits, marked them as "
+    "minority labels (trl-adaptive's minority filter).",
 }
 
 

@@ -61,8 +61,8 @@ class BenchmarkSettings:
     """Every knob of one benchmark run (the defaults are the full grid; `quick()` the CI smoke size)."""
 
     flip_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
-    methods: tuple[str, ...] = ("dpo", "cdpo", "adaptive", "adaptive_amortised", "capped", "contrast_filter", "filter_free",
-                                "oracle")
+    methods: tuple[str, ...] = ("dpo", "cdpo", "adaptive", "adaptive_amortised", "capped", "contrast_filter",
+                                "filter_free", "oracle")
     #: Pretraining phases (steps, batch); each phase restarts a one-cycle lr schedule (peak 2e-3) with seed = its
     #: index. Measured: after (400, 128) samples were 21% correct for the rater; after a second (1200, 64) phase 92%.
     pretrain_phases: tuple[tuple[int, int], ...] = ((400, 128), (1200, 64))
