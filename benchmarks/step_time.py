@@ -72,7 +72,7 @@ class Case:
     cached: bool = False
     batched: bool = True
     reference_loop: bool = False
-    minority_filter: bool = False
+    filter_fields: dict = field(default_factory=dict)  # AdaptiveDPOConfig fields of a minority-filter case
     step_times: list[float] = field(default_factory=list)  # wall seconds of every step, all rounds
     step_cpu_times: list[float] = field(default_factory=list)  # process CPU seconds of the same steps
     round_values: list[float] = field(default_factory=list)  # per round: median (mean for amortised) of the clock
@@ -387,9 +387,7 @@ def make_args(opts, output_dir: str, case: Case) -> AdaptiveDPOConfig:
         disable_tqdm=True,
         dataloader_num_workers=0,
         activation_checkpointing=opts.gradient_checkpointing,
-        # (f): the minority filter on the training draw's own logits (no extra forward), active from the first step.
-        **(dict(minority_filter="top_fraction", minority_evidence="wrong_sign", minority_evidence_decay=0.8)
-           if case.minority_filter else {}),
+        **case.filter_fields,
     )
 
 
@@ -550,6 +548,9 @@ def print_report(results: dict[str, dict], opts, device) -> None:
     line("(d/seq)/(d+cache), sequential / batched annotators (means)", "d/seq", "d+cache", key="round_means")
     line("(f)/(b) minority filter on training-draw evidence / plain", "f", "b", target=1.05)
     line("(f+cache)/(b+cache)", "f+cache", "b+cache", target=1.05)
+    line("(p)/(b) contrast filter, training-draw votes / plain", "p", "b")
+    line("(p+cache)/(b+cache)", "p+cache", "b+cache")
+    line("(p2)/(b) contrast filter, 2 extra draws / plain", "p2", "b")
     if "a" in results:
         for name in ("b", "b+cache", "c+cache", "d+cache"):
             if name in results:
@@ -590,7 +591,7 @@ def parse_args(argv=None):
     parser.add_argument("--resolution", type=int, help="image size (default: tiny 64, else the model's native size)")
     parser.add_argument("--beta", type=float, default=2500.0)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (all cases)")
-    parser.add_argument("--cases", default="a,b,b+cache,c,c+cache,c/seq,d,d+cache,f", help="comma-separated subset")
+    parser.add_argument("--cases", default="a,b,b+cache,c,c+cache,c/seq,d,d+cache,f,p", help="comma-separated subset")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument(
         "--interleave", action=argparse.BooleanOptionalAction, default=None,
@@ -617,6 +618,14 @@ def parse_args(argv=None):
     return opts
 
 
+#: (f): the minority filter on the training draw's own logits (no extra forward), active from the first step.
+POLICY_FILTER = dict(minority_filter="top_fraction", minority_evidence="wrong_sign", minority_evidence_decay=0.8)
+#: (p): the minority filter on the reference's prompt-contrast votes (one extra reference forward per step, and two
+#: per extra draw in p2), active from the first step; min_noise 0 so every step votes.
+CONTRAST_FILTER = dict(minority_filter="threshold", minority_evidence="prompt_contrast", minority_evidence_decay=0.0,
+                       minority_evidence_min_noise=0.0, minority_filter_min_visits=1)
+
+
 def build_cases(opts) -> list[Case]:
     n = opts.interval
     catalogue = {
@@ -629,8 +638,12 @@ def build_cases(opts) -> list[Case]:
         "d": Case("d", f"ours, amortised (interval {n})", adaptive=True, interval=n),
         "d+cache": Case("d+cache", f"ours, amortised (interval {n}), cached", adaptive=True, interval=n, cached=True),
         "d/seq": Case("d/seq", "d+cache, sequential annotators", adaptive=True, interval=n, cached=True, batched=False),
-        "f": Case("f", "ours, DPO + minority filter (training-draw evidence)", minority_filter=True),
-        "f+cache": Case("f+cache", "ours, DPO + minority filter, cached", minority_filter=True, cached=True),
+        "f": Case("f", "ours, DPO + minority filter (training-draw evidence)", filter_fields=POLICY_FILTER),
+        "f+cache": Case("f+cache", "ours, DPO + minority filter, cached", filter_fields=POLICY_FILTER, cached=True),
+        "p": Case("p", "ours, DPO + contrast filter (training-draw votes)", filter_fields=CONTRAST_FILTER),
+        "p+cache": Case("p+cache", "ours, DPO + contrast filter, cached", filter_fields=CONTRAST_FILTER, cached=True),
+        "p2": Case("p2", "ours, DPO + contrast filter, 2 extra draws",
+                   filter_fields=dict(CONTRAST_FILTER, minority_evidence_draws=2)),
     }
     names = [c.strip() for c in opts.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in catalogue]

@@ -22,9 +22,9 @@ def step_time():
 def test_tiny_benchmark_runs_every_case(step_time, capsys):
     results = step_time.main(
         ["--batch", "2", "--steps", "2", "--warmup", "1", "--interval", "2", "--rounds", "1", "--rank", "4",
-         "--cases", "a,b,b+cache,c+cache,c/seq,d+cache,f"]
+         "--cases", "a,b,b+cache,c+cache,c/seq,d+cache,f,p"]
     )
-    assert set(results) == {"a", "b", "b+cache", "c+cache", "c/seq", "d+cache", "f"}
+    assert set(results) == {"a", "b", "b+cache", "c+cache", "c/seq", "d+cache", "f", "p"}
     for r in results.values():
         assert r["num_timed_steps"] == 2 and r["seconds_used"] > 0 and r["flops_per_step"] > 0
     flops = {name: r["flops_per_step"] for name, r in results.items()}
@@ -33,6 +33,9 @@ def test_tiny_benchmark_runs_every_case(step_time, capsys):
     assert flops["c/seq"] == pytest.approx(flops["c+cache"], rel=1e-6)
     # The minority filter on the training draw's logits adds no UNet pass.
     assert flops["f"] == pytest.approx(flops["b"], rel=1e-6)
+    # The contrast filter's training-draw vote adds one reference forward of both images to LoRA's 6 image-passes
+    # (policy forward and backward, reference forward), and re-encodes the prompts for the contrast.
+    assert 1.3 < flops["p"] / flops["b"] < 1.4
     # Caching removes the VAE and text encoder; two annotators add 4 image-forwards to LoRA's 6 (plus the small
     # LoRA weight-gradient FLOPs of the policy): anything recomputed twice would push the ratio well above 5/3.
     assert flops["b+cache"] < flops["b"]
