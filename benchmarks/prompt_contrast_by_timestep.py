@@ -42,10 +42,9 @@ def main(argv=None):
     _, base, _, dataset, _ = digits.flipped_pair_set(args.seed, args.flip_rate, args.cache_dir)
     flipped = np.asarray(list(dataset["flipped"]), dtype=bool)
     prompts = list(dataset["prompt"])
-    # The images of each pair as the trainer sees them (grey digits in [-1, 1], three channels), winners first.
-    images = torch.cat([torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-                                     for i in dataset[side]]) for side in ("chosen", "rejected")])
-    num_pairs, unet, scheduler = len(prompts), base.unet.eval(), base.scheduler
+    pairs = digits.PairLogits(base, dataset)  # the pairs' pixels and prompt embeddings as the trainer sees them
+    images, own = torch.cat([pairs.chosen, pairs.rejected]), pairs.embeds  # winners first
+    num_pairs, unet, scheduler = len(prompts), pairs.reference, pairs.scheduler
 
     def errors(embeds, noisy, timesteps, noise):
         """The base model's denoising error of every image (winners, then losers) under one prompt per pair."""
@@ -58,7 +57,6 @@ def main(argv=None):
         prompts_k = [t.format(digits.DIGIT_WORDS[(d + k) % 10]) for t, d in zip(template, digit_of)]
         return digits.encode_prompts(base, prompts_k)
 
-    own = digits.encode_prompts(base, prompts)
     empty = digits.encode_prompts(base, [""]).expand_as(own).contiguous()
     digit_of = np.array([digits.DIGIT_WORDS.index(p.split()[-1]) for p in prompts])
     template = ["{}".join(p.rsplit(digits.DIGIT_WORDS[d], 1)) for p, d in zip(prompts, digit_of)]

@@ -330,22 +330,30 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         }
 
     @torch.no_grad()
-    def prompt_contrast_votes(self, model, inputs, noised: dict, own_errors: torch.Tensor | None = None):
+    def prompt_contrast_votes(self, model, inputs, noised: dict, own_errors: torch.Tensor | None = None,
+                              contrast_conditioning: dict | None = None):
         """`prompt_contrast` evidence of one draw: the reference's votes (`filtering.prompt_contrast_evidence`) with
         each pair's prompt contrasted against the next pair's in the batch, and which votes count (False where the
         two prompts are the same text, so the contrast says nothing). `own_errors`: the reference's errors under the
-        own prompts when the caller already has them (the training draw)."""
+        own prompts when the caller already has them (the training draw); `contrast_conditioning`: the batch's
+        contrast conditioning when the caller already has it (every draw of a visit shares it)."""
         denoiser = self.unwrapped(model)
         noisy, timesteps, target = noised["noisy"], noised["timesteps"], noised["target"]
         if own_errors is None:
             own, _ = self._frozen_predictions(denoiser, noisy, timesteps, noised["conditioning"], with_annotators=False)
             own_errors = denoising_error(own, target)
-        contrast_conditioning = _to_dtype(self.family.condition(inputs, prompt_shift=1), self.weight_dtype)
+        if contrast_conditioning is None:
+            contrast_conditioning = self.contrast_conditioning(inputs)
         contrast, _ = self._frozen_predictions(denoiser, noisy, timesteps, contrast_conditioning, with_annotators=False)
         num_pairs = noisy.shape[0] // 2
         own_text = noised["conditioning"]["encoder_hidden_states"][:num_pairs]
         differs = (contrast_conditioning["encoder_hidden_states"][:num_pairs] != own_text).flatten(1).any(dim=1)
         return prompt_contrast_evidence(own_errors, denoising_error(contrast, target)), differs
+
+    @torch.no_grad()
+    def contrast_conditioning(self, inputs) -> dict:
+        """Each pair conditioned on the previous pair's prompt of the batch (images keep their own conditioning)."""
+        return _to_dtype(self.family.condition(inputs, prompt_shift=1), self.weight_dtype)
 
     def _metric_active(self) -> bool:
         return self.args.adaptive and self.state.global_step >= self.args.metric_warmup_steps
@@ -448,8 +456,11 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         min_noise = args.minority_evidence_min_noise
         contrast = args.minority_evidence == "prompt_contrast"
         noisy_enough = self.family.noise_level(out["timesteps"]) >= min_noise
-        if contrast:
-            votes, differs = self.prompt_contrast_votes(self.model, inputs, out["noised"], out["reference_errors"])
+        if contrast:  # the contrast prompts are encoded once per visit and shared by its draws
+            contrast_conditioning = self.contrast_conditioning(inputs)
+            votes, differs = self.prompt_contrast_votes(
+                self.model, inputs, out["noised"], out["reference_errors"], contrast_conditioning
+            )
             evidence, valid = [votes], [noisy_enough & differs]
         else:
             evidence, valid = [out["logits"][0].detach()], [noisy_enough]
@@ -457,7 +468,9 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             for d in range(1, args.minority_evidence_draws + 1):  # extra noise/timestep draws: a less noisy vote
                 if contrast:  # the reference alone: no policy forward
                     noised = self._noised_pairs(self.model, inputs, draw=d, min_noise=min_noise)
-                    votes, differs = self.prompt_contrast_votes(self.model, inputs, noised)
+                    votes, differs = self.prompt_contrast_votes(
+                        self.model, inputs, noised, contrast_conditioning=contrast_conditioning
+                    )
                     evidence.append(votes)
                     valid.append(differs)
                 else:
