@@ -37,3 +37,13 @@ def tiny_pipeline_dir(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("tiny-sd")
     tiny_sd_pipeline(seed=0).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory) -> str:
+    """A tiny StableDiffusionXLPipeline saved with `save_pretrained` (loaded by path, as a Hub id would be)."""
+    from trl_adaptive.tiny import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl_pipeline(seed=0).save_pretrained(folder)
+    return str(folder)

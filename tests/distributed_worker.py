@@ -196,6 +196,45 @@ def _reset_accelerate() -> None:
     PartialState._reset_state()
 
 
+def check_zero3_from_folder(folder: str) -> dict:
+    """ZeRO-3 with the model given as a folder (as a Hub id is): the pipeline is loaded after the ZeRO-3 config
+    exists, which used to build the frozen text encoders under zero.Init (partitioned: the first step failed). Also
+    what a user's own `from_pretrained` after the config gives: a clear error, not a crash at the first step."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from trl_adaptive import AdaptiveDiffusionDPOTrainer
+    from trl_adaptive.tiny import tiny_sdxl_pipeline, toy_preference_dataset
+
+    from trl_adaptive.distributed import zero3_init_disabled
+
+    model_dir = os.path.join(folder, "model")
+    with zero3_init_disabled():  # the earlier runs' ZeRO-3 config is still registered in this process
+        tiny_sdxl_pipeline(seed=0).save_pretrained(model_dir)
+    args = tiny_run_args(os.path.join(folder, "out"), 2, max_steps=2, deepspeed=_deepspeed_config(3))
+    pairs = toy_preference_dataset(num_pairs=4, size=40, seed=0)
+    trainer = AdaptiveDiffusionDPOTrainer(model=model_dir, args=args, train_dataset=pairs)
+    trainer.train()
+    frozen = [p for m in trainer.family.frozen_modules().values() for p in m.parameters()]
+    denoiser = trainer.accelerator.unwrap_model(trainer.model)
+    entry = {
+        "zero_stage": _zero_stage(trainer),
+        "frozen_partitioned": sum(hasattr(p, "ds_id") for p in frozen),
+        "frozen_numel": sum(p.numel() for p in frozen),
+        "denoiser_partitioned": all(hasattr(p, "ds_id") for p in denoiser.parameters()),
+        "reference": type(trainer.ref_model).__name__,
+        "annotators": type(trainer.annotators).__name__,
+        "metrics": logged_metrics(trainer),
+    }
+    del trainer
+    own_pipeline = StableDiffusionXLPipeline.from_pretrained(model_dir)  # after the ZeRO-3 config: under zero.Init
+    try:
+        AdaptiveDiffusionDPOTrainer(model=own_pipeline, args=args, train_dataset=pairs)
+        entry["own_pipeline_error"] = None
+    except ValueError as err:
+        entry["own_pipeline_error"] = str(err)
+    return entry
+
+
 def command_deepspeed(out: str) -> None:
     """ZeRO-2 and ZeRO-3 in one process: LoRA and full fine-tune, save_model, ZeRO-3 save + resume with annotators.
 
@@ -248,6 +287,9 @@ def command_deepspeed(out: str) -> None:
             report[name] = entry
             del trainer
             _reset_accelerate()
+
+    report["zero3_from_folder"] = check_zero3_from_folder(os.path.join(out, "zero3_from_folder"))
+    _reset_accelerate()
 
     # ZeRO-3 resume: 3 steps with a checkpoint after 2, then a fresh trainer resumes from that checkpoint and
     # trains the third step again; both must end with the same weights and annotators.

@@ -96,7 +96,8 @@ def test_missing_column_is_named(columns, missing):
 
 def test_ties_are_dropped_and_counted():
     dataset, info = prepare_preference_dataset(pickapic([1, 0.5, 0, 0.5, 1]))
-    assert info == {"schema": "pickapic", "num_rows": 3, "num_ties": 2, "ties_dropped": True}
+    assert info == {"schema": "pickapic", "num_rows": 3, "num_ties": 2, "ties_dropped": True, "num_bad_rows": 0,
+                    "bad_rows": []}
     assert dataset["row_index"] == [0, 2, 4]  # positions in the dataset as given, for error messages
 
 
@@ -152,6 +153,68 @@ def test_missing_image_file_names_row_and_column(tmp_path):
     (tmp_path / "second.png").unlink()
     with pytest.raises(ValueError, match="row 0, column 'file_path': cannot decode image"):
         collate(dataset)
+
+
+# ---- bad rows, found before training -------------------------------------------------------------------------
+
+
+def with_bad_rows():
+    """Seven Pick-a-Pic rows: row 2 has an undecodable jpg_1, row 4 a label of 2, row 5 no prompt, row 6 a tie."""
+    rows = pickapic([1, 0, 1, 1, 1, 0, 0.5]).to_list()
+    rows[2]["jpg_1"] = b"this is not an image"
+    rows[4]["label_0"] = 2.0
+    rows[5]["caption"] = None
+    return Dataset.from_list(rows)
+
+
+def test_image_check_names_every_bad_row_before_training():
+    with pytest.raises(ValueError) as error:
+        prepare_preference_dataset(with_bad_rows(), check_images=True)
+    message = str(error.value)
+    assert message.startswith("3 bad row(s)")
+    assert "row 2, column 'jpg_1': cannot decode image" in message
+    assert "row 4, column 'label_0'" in message and "row 5, column 'caption': expected a string" in message
+    assert "skip_bad_rows=True" in message
+
+
+def test_bad_labels_and_prompts_are_found_without_the_image_check():
+    with pytest.raises(ValueError, match="^2 bad row"):
+        prepare_preference_dataset(with_bad_rows())
+
+
+def test_skip_bad_rows_drops_and_lists_them():
+    dataset, info = prepare_preference_dataset(with_bad_rows(), check_images=True, skip_bad_rows=True, progress=False)
+    assert dataset["row_index"] == [0, 1, 3]  # bad rows 2, 4, 5 and the tie at 6 dropped
+    assert info["num_bad_rows"] == 3 and info["num_rows"] == 3 and info["num_ties"] == 1
+    assert [(r["row"], r["column"]) for r in info["bad_rows"]] == [(2, "jpg_1"), (4, "label_0"), (5, "caption")]
+    collate(dataset)  # what is left collates
+
+
+def test_image_check_reads_datasets_image_columns_undecoded():
+    """A corrupt image in a `datasets.Image` column is reported with its row, not raised inside `datasets`."""
+    from datasets import Image as ImageFeature
+
+    rows = trl_style(4).to_list()
+    rows[3]["rejected"] = {"bytes": b"not a png", "path": None}
+    rows = [{**r, "chosen": {"bytes": r["chosen"], "path": None}} if isinstance(r["chosen"], bytes) else r for r in rows]
+    rows = [{**r, "rejected": {"bytes": r["rejected"], "path": None}} if isinstance(r["rejected"], bytes) else r
+            for r in rows]
+    dataset = Dataset.from_list(rows).cast_column("chosen", ImageFeature()).cast_column("rejected", ImageFeature())
+    with pytest.raises(ValueError, match="row 3, column 'rejected': cannot decode image"):
+        prepare_preference_dataset(dataset, check_images=True, progress=False)
+
+
+def test_image_check_finds_a_missing_hpdv2_file_in_parallel(tmp_path):
+    dataset = hpdv2([[1, 0], [0, 1], [1, 0], [0, 1]], tmp_path)
+    rows = dataset.to_list()
+    rows[1]["file_path"] = [rows[1]["file_path"][0], str(tmp_path / "missing.png")]
+    with pytest.raises(ValueError, match="^1 bad row.*row 1, column 'file_path': cannot decode image"):
+        prepare_preference_dataset(Dataset.from_list(rows), check_images=True, num_proc=2, progress=False)
+
+
+def test_flip_labels_leaves_invalid_labels_for_the_check_to_report():
+    flipped = flip_labels(pickapic([1, 0, 2.0, 1]), rate=1.0, seed=0)
+    assert flipped["flipped"] == [True, True, False, True]
 
 
 # ---- flip_labels ---------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_example_configs_are_valid_accelerate_configs():
     assert (zero2.distributed_type, zero2.deepspeed_config["zero_stage"]) == ("DEEPSPEED", 2)
     assert (zero3.distributed_type, zero3.deepspeed_config["zero_stage"]) == ("DEEPSPEED", 3)
     assert zero3.deepspeed_config["zero3_save_16bit_model"] is True  # save_model() needs the gathered weights
-    assert zero3.deepspeed_config["zero3_init_flag"] is False  # frozen encoders must not be partitioned
+    assert zero3.deepspeed_config["zero3_init_flag"] is False  # no zero.Init for models a script builds
     assert ddp.distributed_type == "MULTI_GPU"
     for config in (zero2, zero3):  # no DeepSpeed optimizer: the Trainer builds AdamW (no fused-Adam build)
         assert "deepspeed_config_file" not in config.deepspeed_config
@@ -122,6 +122,19 @@ def test_deepspeed_trains_and_saves(deepspeed_report, stage, kind):
     assert entry["trained_vs_initial_output_diff"] > 1e-4  # ... and training changed the model
     expected = "pytorch_lora_weights.safetensors" if kind == "lora" else "model_index.json"
     assert expected in entry["saved_files"]
+
+
+def test_zero3_from_a_folder_keeps_frozen_encoders_whole(deepspeed_report):
+    """Regression: a model given by folder/Hub id under ZeRO-3 crashed at the first step (partitioned encoders)."""
+    entry = deepspeed_report["zero3_from_folder"]
+    assert entry["zero_stage"] == 3
+    assert entry["frozen_partitioned"] == 0 and entry["frozen_numel"] > 0  # text encoders and VAE whole
+    assert entry["denoiser_partitioned"]  # the UNet is sharded, the reference and annotators with it
+    assert (entry["reference"], entry["annotators"]) == ("DeepSpeedEngine", "ShardedEMAAnnotators")
+    assert len(entry["metrics"]) == 2 and entry["metrics"][0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    # A pipeline the user loaded after the config is refused with the way out, before training.
+    assert "text_encoder is partitioned by DeepSpeed ZeRO-3" in entry["own_pipeline_error"]
+    assert "load_pipeline" in entry["own_pipeline_error"]
 
 
 def test_zero3_annotator_forward_matches_unsharded(deepspeed_report):

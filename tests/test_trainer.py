@@ -550,3 +550,39 @@ def test_rounding_level_logits_give_no_minority_score(toy_pairs, tmp_path):
     rounding_noise = 1e-8 * torch.randn(3, 8)
     u = trainer.minority_scores(rounding_noise, {"row_index": torch.arange(8)}, training=False)
     assert u.max().item() < 0.05  # unfloored, the same noise scores up to ~0.9
+
+
+def pairs_with_a_broken_image(num_pairs: int = 8, row: int = 5):
+    from datasets import Dataset
+
+    rows = toy_preference_dataset(num_pairs=num_pairs, size=32, seed=0).to_list()
+    rows[row]["jpg_1"] = b"not an image"
+    return Dataset.from_list(rows)
+
+
+def test_undecodable_image_stops_the_run_before_training(tmp_path):
+    """Regression: one bad image used to stop a long run at the step that met it (and again after a resume)."""
+    with pytest.raises(ValueError, match="row 5, column 'jpg_1': cannot decode image"):
+        AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=tiny_args(tmp_path),
+                                    train_dataset=pairs_with_a_broken_image())
+
+
+def test_skip_bad_rows_drops_lists_and_resumes_past_them(tmp_path):
+    import json
+
+    def build():
+        args = tiny_args(tmp_path, skip_bad_rows=True, max_steps=4, save_strategy="steps", save_steps=2)
+        with pytest.warns(UserWarning, match="dropped 1 bad row.*row 5, column 'jpg_1'"):
+            return AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=args,
+                                               train_dataset=pairs_with_a_broken_image())
+
+    trainer = build()
+    assert 5 not in trainer.train_dataset["row_index"] and len(trainer.train_dataset) == 7
+    assert trainer.dataset_info["num_bad_rows"] == 1
+    listed = json.loads((tmp_path / "bad_rows.json").read_text())
+    assert [(r["row"], r["column"]) for r in listed["train"]] == [(5, "jpg_1")]
+    trainer.add_callback(StopAt(2))
+    trainer.train()
+    resumed = build()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))  # past the bad row's place, to the end
+    assert resumed.state.global_step == 4

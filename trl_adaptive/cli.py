@@ -156,6 +156,10 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # DeepSpeed's launcher puts `--local_rank=N` before the script's own arguments (`deepspeed --module
+    # trl_adaptive.cli train ...`); the process's rank is in LOCAL_RANK anyway.
+    while argv and argv[0].startswith("--local_rank"):
+        argv = argv[2:] if argv[0] == "--local_rank" else argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2

@@ -107,31 +107,123 @@ def detect_schema(column_names: list[str]) -> PreferenceSchema:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def prepare_preference_dataset(dataset, drop_ties: bool = True):
-    """Check the schema and every label, add ``row_index`` (position in the given dataset), drop ties.
+def prepare_preference_dataset(
+    dataset,
+    drop_ties: bool = True,
+    *,
+    check_images: bool = False,
+    skip_bad_rows: bool = False,
+    num_proc: int | None = None,
+    progress: bool = True,
+):
+    """Check the schema and every row, add ``row_index`` (position in the given dataset), drop ties.
 
-    Returns ``(dataset, info)`` with ``info = {"schema": name, "num_rows": n, "num_ties": t, "ties_dropped": bool}``.
-    Raises ``ValueError`` naming the row and column of the first bad label.
+    Every label and prompt is checked (a label outside {0, 0.5, 1}, a prompt that is not a string); with
+    `check_images` every image is decoded once too (`find_undecodable_images`, a progress bar, `num_proc`
+    processes), so that a bad image stops the run now rather than at the step that meets it. A bad row raises a
+    ``ValueError`` naming its row and column (and counting the others), or with `skip_bad_rows` is dropped.
+
+    Returns ``(dataset, info)`` with ``info = {"schema", "num_rows", "num_ties", "ties_dropped", "num_bad_rows",
+    "bad_rows"}``; ``bad_rows`` lists ``{"row", "column", "error"}`` of every dropped bad row.
     """
     schema = detect_schema(dataset.column_names)
     if "row_index" not in dataset.column_names:
         dataset = dataset.add_column("row_index", list(range(len(dataset))))
-    keep, ties = [], 0
-    if schema.label_column is None:
-        keep = list(range(len(dataset)))
-    else:
+    rows = dataset["row_index"]
+    bad: dict[int, tuple[str, str]] = {}  # position -> (column, message)
+    ties = set()
+    if schema.label_column is not None:
         for i, label in enumerate(dataset[schema.label_column]):
-            if schema.first_wins(label, row=i) == 0.5:
-                ties += 1
-                if drop_ties:
-                    continue
-            keep.append(i)
+            try:
+                if schema.first_wins(label, row=rows[i]) == 0.5:
+                    ties.add(i)
+            except ValueError as err:
+                bad[i] = (schema.label_column, str(err))
+    for i, prompt in enumerate(dataset[schema.prompt_column]):
+        if not isinstance(prompt, str) and i not in bad:
+            bad[i] = (schema.prompt_column, f"row {rows[i]}, column {schema.prompt_column!r}: expected a string, got {prompt!r:.80}")
+    if check_images:
+        bad.update(find_undecodable_images(dataset, schema, skip=set(bad), num_proc=num_proc, progress=progress))
+    if bad and not skip_bad_rows:
+        first = [bad[i][1] for i in sorted(bad)[:5]]
+        more = f" (and {len(bad) - len(first)} more)" if len(bad) > len(first) else ""
+        raise ValueError(
+            f"{len(bad)} bad row(s) in the preference dataset{more}: " + "; ".join(first)
+            + ". Fix them, or pass skip_bad_rows=True to drop such rows (they are counted and listed in the output folder)."
+        )
+    keep = [i for i in range(len(dataset)) if i not in bad and not (drop_ties and i in ties)]
     if len(keep) < len(dataset):
         dataset = dataset.select(keep)
     if len(dataset) == 0:
-        raise ValueError("The preference dataset is empty (after dropping ties)")
-    info = {"schema": schema.name, "num_rows": len(dataset), "num_ties": ties, "ties_dropped": drop_ties}
+        raise ValueError("The preference dataset is empty (after dropping ties and bad rows)")
+    bad_rows = [{"row": rows[i], "column": bad[i][0], "error": bad[i][1]} for i in sorted(bad)]
+    info = {"schema": schema.name, "num_rows": len(dataset), "num_ties": len(ties), "ties_dropped": drop_ties,
+            "num_bad_rows": len(bad_rows), "bad_rows": bad_rows}
     return dataset, info
+
+
+def _undecoded(feature):
+    """A `datasets` feature with every `Image` in it set to `decode=False` (bytes/path dicts instead of PIL images)."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
+        return type(feature)(_undecoded(feature.feature))
+    return feature
+
+
+def find_undecodable_images(dataset, schema: PreferenceSchema, skip: set[int] = frozenset(), num_proc: int | None = None,
+                            progress: bool = True) -> dict[int, tuple[str, str]]:
+    """Decode every image of the dataset once (as the collator will) and return ``{position: (column, message)}`` for
+    the rows where one cannot be decoded or the pair is malformed. Runs as a `datasets.map` (cached for datasets
+    read from disk, `num_proc` processes); images of `datasets.Image` columns are read undecoded and decoded here,
+    so a bad one is reported with its row instead of failing inside `datasets`."""
+    import datasets
+
+    columns = [*schema.image_columns, "row_index"]
+    images = dataset.select_columns(columns)
+    for column in schema.image_columns:
+        feature = images.features[column]
+        if _undecoded(feature) != feature:
+            images = images.cast_column(column, _undecoded(feature))
+    names = schema.image_columns * (2 // len(schema.image_columns))
+
+    def check(batch):
+        problems = []
+        for k, row in enumerate(batch["row_index"]):
+            try:
+                pair = schema.images({c: batch[c][k] for c in columns})
+                for value, column in zip(pair, names):
+                    decode_image(value, row, column)
+                problems.append("")
+            except ValueError as err:
+                problems.append(str(err))
+        return {"problem": problems}
+
+    was_disabled = datasets.is_progress_bar_enabled() is False
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        checked = images.map(check, batched=True, batch_size=64, num_proc=num_proc, remove_columns=columns,
+                             desc="Checking images")
+    finally:
+        if not progress and not was_disabled:
+            datasets.enable_progress_bars()
+    found = {}
+    for i, problem in enumerate(checked["problem"]):
+        if problem and i not in skip:
+            column = next((c for c in schema.image_columns if f"column {c!r}" in problem), schema.image_columns[0])
+            found[i] = (column, problem)
+    return found
+
+
+def _decided(schema: PreferenceSchema, label: Any, row: int) -> bool:
+    """Whether a row's label names a winner (False for ties and for invalid labels, which the trainer reports)."""
+    try:
+        return schema.first_wins(label, row=row) != 0.5
+    except ValueError:
+        return False
 
 
 def flip_labels(dataset, rate: float, seed: int = 0):
@@ -147,7 +239,7 @@ def flip_labels(dataset, rate: float, seed: int = 0):
         candidates = np.arange(len(dataset))
     else:
         labels = dataset[schema.label_column]
-        candidates = np.array([i for i, v in enumerate(labels) if schema.first_wins(v, row=i) != 0.5], dtype=int)
+        candidates = np.array([i for i, v in enumerate(labels) if _decided(schema, v, i)], dtype=int)
     rng = np.random.default_rng(seed)
     chosen = rng.choice(candidates, size=int(round(rate * len(candidates))), replace=False)
     flipped = np.zeros(len(dataset), dtype=bool)

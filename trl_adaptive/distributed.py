@@ -10,12 +10,16 @@ also run models the engine does not know about; this module makes them ZeRO-awar
   weights), so that the two compute alike.
 * `ShardedEMAAnnotators`: the EMA annotators under ZeRO-3, partitioned like the model (see its docstring).
 
+* `zero3_init_disabled`: the context in which pipelines are loaded, so that transformers does not build the frozen
+  text encoders under `deepspeed.zero.Init` once a ZeRO-3 config exists.
+
 Frozen text encoders and the VAE are never given to DeepSpeed: they are not part of the trained module, so they
 never reach the optimizer; each process keeps a copy in the training dtype (the SDXL VAE in float32).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from copy import deepcopy
 
 import torch
@@ -28,6 +32,32 @@ def zero_stage(accelerator) -> int | None:
     """The ZeRO stage accelerate runs with, or None without DeepSpeed."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return None if plugin is None else int(plugin.zero_stage)
+
+
+@contextmanager
+def zero3_init_disabled():
+    """Load models inside this context to keep them whole under a ZeRO-3 config (diffusers' training scripts load
+    their frozen models the same way).
+
+    Once `TrainingArguments` (with `deepspeed=` or under `accelerate launch` with a DeepSpeed config) exist, transformers
+    holds the DeepSpeed config globally and builds every model it loads under `zero.Init`, partitioned into empty
+    placeholders: a CLIP text encoder loaded then fails its first forward ("max_position_embeddings: 0"). diffusers'
+    scripts wrap loading in accelerate's `DeepSpeedPlugin.zero3_init_context_manager(enable=False)`, but accelerate
+    (1.16) registers the ZeRO-3 config with transformers whatever that flag says (`set_deepspeed_weakref`), and
+    the YAML's `zero3_init_flag: false` makes the context a no-op. So the registration itself is lifted while
+    loading and restored afterwards; the trained UNet is sharded later by `deepspeed.initialize`, as before."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = registered() if registered is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def prepare_reference_model(module: torch.nn.Module, accelerator, dtype: torch.dtype):

@@ -9,6 +9,7 @@ differs between model families is asked of `self.family` (see `trl_adaptive.fami
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import warnings
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_map
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import enable_full_determinism, set_seed
 from transformers.utils import logging
 
 from .caching import use_latent_cache
@@ -44,6 +46,8 @@ from .noise import EVAL, TRAIN, pair_generators, pair_noise_and_timesteps
 logger = logging.get_logger(__name__)
 
 TRAINING_ARGS_NAME = "training_args.bin"
+#: Where `skip_bad_rows` lists the rows it dropped (row, column, error per split).
+BAD_ROWS_FILE = "bad_rows.json"
 #: Smallest RMS a metric normaliser may take: above float32 rounding of denoising errors (~1e-7), below the logits
 #: of a model that has started to move (~1e-5 and up).
 RMS_NORMALIZER_FLOOR = 1e-6
@@ -118,6 +122,9 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         args = args if args is not None else AdaptiveDPOConfig(output_dir="trl-adaptive-output")
         if not isinstance(args, AdaptiveDPOConfig):
             raise TypeError(f"args must be an AdaptiveDPOConfig, got {type(args).__name__}")
+        # The Trainer seeds in its own __init__, but the LoRA adapters are created (randomly) before it runs: seed
+        # first, so that the same seed gives the same start and a rerun gives the same model.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         if isinstance(model, (str, os.PathLike)):
             self.base_model_name = str(model)
             model = load_pipeline(str(model))
@@ -126,6 +133,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         if args.vae_name_or_path:
             replace_vae(model, args.vae_name_or_path)
         self.family = family_for(model)
+        self.family.check_not_partitioned()
         self.family.sample_latents = args.latent_sampling == "sample"
         self.peft_config = peft_config
         self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -134,14 +142,14 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
 
         self.dataset_info = None
         if train_dataset is not None:
-            train_dataset, self.dataset_info = prepare_preference_dataset(train_dataset, args.drop_ties)
+            train_dataset, self.dataset_info = self._prepare_dataset(train_dataset, args, "train")
             logger.info(
                 f"Preference data: {self.dataset_info['schema']} schema, {self.dataset_info['num_rows']} pairs, "
                 f"{self.dataset_info['num_ties']} ties {'dropped' if args.drop_ties else 'kept'}"
             )
         self.dataset_name = getattr(getattr(train_dataset, "info", None), "dataset_name", None)
         if eval_dataset is not None:
-            eval_dataset, _ = prepare_preference_dataset(eval_dataset, args.drop_ties)
+            eval_dataset, _ = self._prepare_dataset(eval_dataset, args, "eval")
         if data_collator is None:
             reference = train_dataset if train_dataset is not None else eval_dataset
             if reference is None:
@@ -183,6 +191,13 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             callbacks=[AnnotatorUpdateCallback(self), CollatorEpochCallback(self), *(callbacks or [])],
             optimizers=optimizers,
         )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.accelerator.num_processes != launched:
+            # Seen on CPU: DeepSpeed under accelerate gets no process-group backend and each process trains alone.
+            raise RuntimeError(
+                f"Launched as {launched} processes (WORLD_SIZE) but training would run in {self.accelerator.num_processes}: "
+                "the processes did not form one group. On CPUs pass ddp_backend='gloo' (GPUs use NCCL by default)."
+            )
         device = self.accelerator.device
         self.family.place_frozen_modules(device, self.weight_dtype)
         if self.ref_model is not None:
@@ -201,6 +216,31 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             use_latent_cache(self)  # encodes the datasets once (or finds their cache) and swaps in the cached collator
 
     # ---- set-up ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _prepare_dataset(dataset, args: AdaptiveDPOConfig, split: str):
+        """Check every row before training (`prepare_preference_dataset`); with `skip_bad_rows`, drop the bad ones,
+        warn with their count and list them in `output_dir/bad_rows.json`. The main process goes first, so that
+        the other processes reuse its cached image check for datasets read from disk."""
+        with args.main_process_first(desc=f"checking the {split} preference data"):
+            dataset, info = prepare_preference_dataset(
+                dataset, args.drop_ties, check_images=args.check_images, skip_bad_rows=args.skip_bad_rows,
+                num_proc=args.dataset_num_proc, progress=not args.disable_tqdm,
+            )
+        if info["bad_rows"]:
+            path = Path(args.output_dir, BAD_ROWS_FILE)
+            if args.should_save:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                listed = json.loads(path.read_text()) if path.is_file() else {}
+                listed[split] = info["bad_rows"]
+                path.write_text(json.dumps(listed, indent=1))
+            warnings.warn(
+                f"skip_bad_rows: dropped {info['num_bad_rows']} bad row(s) of the {split} data (first: "
+                f"{info['bad_rows'][0]['error']}); all of them are listed in {path}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return dataset, info
+
     def _prepare_denoiser(self, args, peft_config) -> torch.nn.Module:
         denoiser = self.family.denoiser
         if peft_config is not None:

@@ -42,10 +42,16 @@ def replace_vae(pipeline, vae_name_or_path: str) -> None:
 
 
 def load_pipeline(model_name_or_path: str, **kwargs):
-    """Load any supported pipeline from a folder or Hub id (the class is read from its model_index.json)."""
+    """Load any supported pipeline from a folder or Hub id (the class is read from its model_index.json).
+
+    Every component is loaded whole, also after a DeepSpeed ZeRO-3 config exists (`zero3_init_disabled`): the frozen
+    encoders must never be partitioned, and DeepSpeed shards the trained denoiser itself when the Trainer prepares it."""
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(model_name_or_path, **kwargs)
+    from ..distributed import zero3_init_disabled
+
+    with zero3_init_disabled():
+        return DiffusionPipeline.from_pretrained(model_name_or_path, **kwargs)
 
 
 __all__ = ["DiffusionFamily", "StableDiffusionFamily", "StableDiffusionXLFamily", "FAMILIES", "family_for", "load_pipeline", "register_family", "replace_vae"]

@@ -53,6 +53,17 @@ class DiffusionFamily(ABC):
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         """Modules that are only run for inference (text encoders, VAE), by pipeline component name."""
 
+    def check_not_partitioned(self) -> None:
+        """Raise if a frozen module was built under DeepSpeed's `zero.Init` (its weights are empty placeholders): a
+        pipeline loaded after a ZeRO-3 config was created, outside `trl_adaptive.load_pipeline`."""
+        for name, module in self.frozen_modules().items():
+            if any(hasattr(p, "ds_id") for p in module.parameters()):
+                raise ValueError(
+                    f"The pipeline's {name} is partitioned by DeepSpeed ZeRO-3 (it was loaded after a ZeRO-3 config "
+                    "existed, so transformers built it under zero.Init). Pass the model as a folder or Hub id, or "
+                    "load it with trl_adaptive.load_pipeline(...), which keeps every component whole."
+                )
+
     def place_frozen_modules(self, device: torch.device, dtype: torch.dtype) -> None:
         """Freeze the non-trained modules and move them to the training device in the given dtype."""
         for module in self.frozen_modules().values():
