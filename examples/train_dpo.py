@@ -9,12 +9,11 @@
         --output_dir sdxl-dpo-full --bf16 --activation_checkpointing --per_device_train_batch_size 1
 
 Every `AdaptiveDPOConfig` field is a flag (`--beta`, `--adaptive`, `--annotator_decays`, `--vae_name_or_path` ...).
-`--dataset_name` is a Hub dataset or a folder written by `Dataset.save_to_disk`.
+`--dataset_name` is a Hub dataset, a folder written by `Dataset.save_to_disk` or a json/csv/parquet file.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,25 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import HfArgumentParser  # noqa: E402
 
 from trl_adaptive import AdaptiveDiffusionDPOTrainer, AdaptiveDPOConfig  # noqa: E402
+from trl_adaptive.data import load_preference_data  # noqa: E402
 
 
 @dataclass
 class ScriptArguments:
     model_name_or_path: str = field(metadata={"help": "Pipeline folder or Hub id (SD 1.x/2.x or SDXL)."})
-    dataset_name: str = field(metadata={"help": "Hub dataset or a `save_to_disk` folder (Pick-a-Pic, TRL or HPDv2)."})
+    dataset_name: str = field(
+        metadata={"help": "Hub dataset, a `save_to_disk` folder or a data file (Pick-a-Pic, TRL or HPDv2 columns)."}
+    )
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank; 0 fine-tunes the whole UNet."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)."})
-
-
-def load_preferences(name: str, split: str):
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    saved = any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_info.json", "dataset_dict.json"))
-    if not saved:
-        return load_dataset(name, split=split)
-    data = load_from_disk(name)
-    return data[split] if isinstance(data, DatasetDict) else data
 
 
 def main() -> None:
@@ -60,7 +52,7 @@ def main() -> None:
     trainer = AdaptiveDiffusionDPOTrainer(
         model=script_args.model_name_or_path,
         args=training_args,
-        train_dataset=load_preferences(script_args.dataset_name, script_args.dataset_split),
+        train_dataset=load_preference_data(script_args.dataset_name, split=script_args.dataset_split),
         peft_config=peft_config,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
