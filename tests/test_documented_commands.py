@@ -328,6 +328,23 @@ def run_step_time_flops(commands, fixtures, tmp_path):
         assert "TFLOP" in output or "FLOP" in output
 
 
+def run_evaluate(commands, fixtures, tmp_path):
+    """`trl-adaptive evaluate` on a LoRA trained from the tiny pipeline, with random-weight scorers saved to a folder
+    (the Hub's scorers swapped for it with --scorer-path), two sampling steps at 32 px."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue square\n")
+    for command in commands:
+        tokens = substitute(shlex.split(command.text), fixtures, tmp_path)
+        tokens[tokens.index("--model") + 1] = fixtures["lora"]
+        tokens[tokens.index("--prompts") + 1] = str(prompts)
+        names = tokens[tokens.index("--scorers") + 1].split(",")
+        paths = [arg for name in names for arg in ("--scorer-path", f"{name}={fixtures['clip']}")]
+        run([*tokens, *paths, "--aesthetic-head", fixtures["aesthetic_head"], "--steps", "2", "--resolution", "32",
+             "--resamples", "100", "--no-progress"], _environment(tmp_path))  # fmt: skip
+        out = Path(tokens[tokens.index("--output-dir") + 1])
+        assert all((out / name).is_file() for name in ("results.md", "results.json", "grid.png"))
+
+
 def run_gap_bootstrap(commands, fixtures, tmp_path):
     """Statistics over the committed result files: runs as documented."""
     for command in commands:
@@ -416,9 +433,10 @@ CHECKS = [
     Check("launch-in-prose", r"^accelerate launch( --num_processes 2)?$", "elsewhere",
           test="tests/test_distributed.py::test_two_processes_ddp_equal_one_process",
           why="named in prose; the distributed tests launch two processes with DDP and ZeRO-3"),
-    Check("train-in-prose", r"^trl-adaptive train$", "elsewhere",
+    Check("named-in-prose", r"^trl-adaptive (train|evaluate)$", "elsewhere",
           test="tests/test_documented_commands.py::test_documented_command_runs",
-          why="named in prose; its documented forms run in `train-cli`, `accelerate-module` and `deepspeed-launcher`"),
+          why="named in prose; the documented forms run in `train-cli`, `accelerate-module`, `deepspeed-launcher` "
+          "and `evaluate`"),
     Check("deepspeed-hostfile", r"^deepspeed --hostfile", "run", action=run_deepspeed_hostfile,
           why="two nodes by hostfile: its flags parse as documented, and it runs on one node"),
     Check("deepspeed-launcher", r"^deepspeed ", "run", action=run_training_command),
@@ -439,6 +457,7 @@ CHECKS = [
     Check("step-time-gpu", r"^python benchmarks/step_time\.py --arch-dir", "run", action=run_step_time_flops,
           why="GPU sizes: run with --flops-only appended (the real architectures on the meta device)"),
     Check("step-time-cpu", r"^python benchmarks/step_time\.py", "run", action=run_step_time_cpu),
+    Check("evaluate", r"^trl-adaptive evaluate ", "run", action=run_evaluate),
     Check("gap-bootstrap", r"^python benchmarks/gap_bootstrap\.py docs/", "run", action=run_gap_bootstrap),
     Check("research-runs", r"^(trl-adaptive demo .+|python -m trl_adaptive\.demo .+|python benchmarks/\w+\.py\b.*)$",
           "parse", action=parse_python_command,
@@ -503,7 +522,28 @@ def fixtures(tmp_path_factory) -> dict[str, str]:
     return {"sd": str(root / "sd"), "sdxl": str(root / "sdxl"), "pairs": str(root / "pairs")}
 
 
+@pytest.fixture(scope="module")
+def evaluation_fixtures(fixtures, tmp_path_factory) -> dict[str, str]:
+    """For `trl-adaptive evaluate`: a LoRA trained two steps from the tiny pipeline, random-weight CLIP scorers."""
+    from safetensors.torch import save_file
+
+    from tiny_setup import lora_config, tiny_args
+    from trl_adaptive import AdaptiveDiffusionDPOTrainer
+    from trl_adaptive.evaluation.scorers import AestheticHead
+    from trl_adaptive.tiny import tiny_clip_scorer, toy_preference_dataset
+
+    root = tmp_path_factory.mktemp("evaluation")
+    trainer = AdaptiveDiffusionDPOTrainer(fixtures["sd"], args=tiny_args(root / "lora"),
+                                          train_dataset=toy_preference_dataset(8), peft_config=lora_config())
+    trainer.train()
+    trainer.save_model()
+    clip = tiny_clip_scorer(str(root / "clip"), projection_dim=16)
+    save_file(AestheticHead(16).state_dict(), str(root / "head.safetensors"))
+    return {**fixtures, "lora": str(root / "lora"), "clip": clip, "aesthetic_head": str(root / "head.safetensors")}
+
+
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("name", [n for n, c in ASSIGNED.items() if c.kind == "run"])
-def test_documented_command_runs(name, fixtures, tmp_path):
+def test_documented_command_runs(name, request, tmp_path):
+    fixtures = request.getfixturevalue("evaluation_fixtures" if name == "evaluate" else "fixtures")
     ASSIGNED[name].action(ASSIGNED[name].commands, fixtures, tmp_path)

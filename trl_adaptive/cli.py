@@ -2,6 +2,7 @@
 
     trl-adaptive train --config run.yaml [--any_field value ...]   train on preference pairs
     trl-adaptive example [--output_dir DIR]                        the built-in offline example
+    trl-adaptive evaluate --model OUT --prompts FILE [--scorers ...]  the tuned model against its base, scored
     trl-adaptive demo [--quick] [--seeds N]                        the flipped-label reproduction on real digits
 
 `train` takes every `AdaptiveDPOConfig` (and so `transformers.TrainingArguments`) field plus the model and dataset
@@ -133,6 +134,61 @@ def example(argv: list[str]) -> str:
     return run_tiny_example(options.output_dir, max_steps=options.max_steps, seed=options.seed)
 
 
+def evaluate(argv: list[str]) -> dict:
+    """`trl-adaptive evaluate`: the tuned model against its base, scored by reward models (docs/evaluation.md)."""
+    parser = argparse.ArgumentParser(
+        prog="trl-adaptive evaluate",
+        description="Generate with a trained model and its base on the same prompts and seeds, score both, and report "
+        "each scorer's means, mean difference and win rate against the base with bootstrap 95%% intervals.",
+    )
+    parser.add_argument("--model", required=True, help="Trained output: a LoRA folder, a pipeline folder or a Hub id.")
+    parser.add_argument("--base", help="The base pipeline (folder or Hub id). Default: the one the model card names.")
+    parser.add_argument("--prompts", required=True,
+                        help="A text file (one prompt per line), or a dataset (Hub name, save_to_disk folder, data file).")
+    parser.add_argument("--prompt-column", help="Dataset column of the prompts (default: caption or prompt).")
+    parser.add_argument("--split", default="train", help="Dataset split of the prompts.")
+    parser.add_argument("--max-prompts", type=int, default=None, help="Use the first N unique prompts.")
+    parser.add_argument("--scorers", default="pickscore,clip", help="Comma-separated: pickscore, clip, aesthetic.")
+    parser.add_argument("--scorer-path", action="append", default=[], metavar="NAME=PATH",
+                        help="Local folder or Hub id of a scorer's model (repeatable), e.g. pickscore=/models/pickscore.")
+    parser.add_argument("--aesthetic-head", help="Weights file of the aesthetic MLP head (.pth or .safetensors).")
+    parser.add_argument("--seeds-per-prompt", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=30, help="Sampling steps.")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--resolution", type=int, default=None, help="Image size (default: the pipeline's).")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--resamples", type=int, default=2000, help="Bootstrap resamples of the intervals.")
+    parser.add_argument("--output-dir", default="trl-adaptive-eval")
+    parser.add_argument("--device", default=None, help="Default: cuda (bf16) when available, else cpu (fp32).")
+    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    options = parser.parse_args(argv)
+    from .evaluation import GenerationSettings, load_prompts, load_scorer
+    from .evaluation import evaluate as run_evaluation
+
+    paths = dict(item.split("=", 1) for item in options.scorer_path)
+    names = [n.strip() for n in options.scorers.split(",") if n.strip()]
+    unknown = sorted(set(paths) - set(names))
+    if unknown:
+        parser.error(f"--scorer-path for scorer(s) not in --scorers: {unknown}")
+    device = options.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    scorers = [
+        load_scorer(name, paths.get(name), device=device, **({"head": options.aesthetic_head} if name == "aesthetic" else {}))
+        for name in names
+    ]
+    settings = GenerationSettings(options.steps, options.guidance_scale, options.resolution, options.seeds_per_prompt,
+                                  options.first_seed)
+    prompts = load_prompts(options.prompts, options.prompt_column, options.split, options.max_prompts)
+    report = run_evaluation(options.model, options.base, prompts, scorers, options.output_dir, settings,
+                            options.batch_size, device=device, resamples=options.resamples,
+                            progress=not options.no_progress)
+    from .evaluation import markdown_table
+
+    print(markdown_table(report["scorers"]))
+    print(f"Wrote results.md, results.json and grid.png to {options.output_dir}")
+    return report
+
+
 def demo(argv: list[str]):
     """The README's first command: the paper's flipped-label experiment on scikit-learn's digits (docs/results.md)."""
     from .benchmarks.digits import main as run_digits_benchmark
@@ -143,6 +199,7 @@ def demo(argv: list[str]):
 COMMANDS = {
     "train": (train, "train a pipeline on preference pairs: trl-adaptive train --config run.yaml [--field value ...]"),
     "example": (example, "built-in offline example: a few LoRA steps on a tiny pipeline, prints where it saved"),
+    "evaluate": (evaluate, "score a trained model against its base with reward models: win rates with 95% intervals"),
     "demo": (demo, "the flipped-label reproduction on real digits, offline (--quick: ~1 minute; docs/results.md)"),
 }
 

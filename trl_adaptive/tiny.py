@@ -250,3 +250,22 @@ def random_pipeline(folder: str, device="cpu", seed: int | None = None):
                 else:
                     components[name] = cls.from_config(cls.load_config(path))
     return getattr(diffusers, index["_class_name"])(**components, **init_kwargs)
+
+
+def tiny_clip_scorer(folder: str, seed: int = 0, projection_dim: int = 16) -> str:
+    """A random-weight CLIP model with its processor (32 px images, the character-level tokenizer) saved to `folder`,
+    loadable as any CLIP-based scorer of `trl_adaptive.evaluation` (PickScore, CLIP score, the aesthetic backbone)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
+    model.save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
