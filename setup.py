@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
-        "test": ["pytest>=8.0", "pytest-timeout>=2.2"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.2", "tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["trl-adaptive=trl_adaptive.cli:main"]},
     classifiers=[

@@ -263,6 +263,21 @@ class AdaptiveDPOConfig(TrainingArguments):
             "stores half as much)."
         },
     )
+    # ---- Samples while training -------------------------------------------------------------------------
+    eval_prompts: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts of images generated with the current policy every sample_steps steps (fixed seeds: seed, "
+            "seed + 1, ...) and logged, with histograms of the minority score and weights, to the trackers of "
+            "report_to that take images (tensorboard, wandb). A single entry ending in .txt is read as one prompt "
+            "per line. None (default): no sampling, no cost."
+        },
+    )
+    sample_steps: int = field(
+        default=500, metadata={"help": "With eval_prompts: sample every N optimizer steps (and after the last step)."}
+    )
+    sample_num_inference_steps: int = field(default=25, metadata={"help": "Sampling steps of the logged images."})
+    sample_guidance_scale: float = field(default=7.5, metadata={"help": "Guidance scale of the logged images."})
     # ---- Speed -------------------------------------------------------------------------------------------
     cache_dir: str | None = field(
         default=None,
@@ -355,6 +370,8 @@ class AdaptiveDPOConfig(TrainingArguments):
         require("weight_scale", self.weight_scale >= 0, ">= 0")
         require("resolution", self.resolution > 0 and self.resolution % 8 == 0, "a positive multiple of 8")
         require("empty_prompt_probability", 0.0 <= self.empty_prompt_probability <= 1.0, "in [0, 1]")
+        require("sample_steps", self.sample_steps >= 1, ">= 1")
+        require("sample_num_inference_steps", self.sample_num_inference_steps >= 1, ">= 1")
         require("dataset_num_proc", self.dataset_num_proc is None or self.dataset_num_proc >= 1, "None or >= 1")
         if self.remove_unused_columns:
             raise ValueError("AdaptiveDPOConfig.remove_unused_columns must be False (the collator needs raw columns)")

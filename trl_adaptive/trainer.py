@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_map
 from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 from transformers.utils import logging
 
@@ -42,6 +43,7 @@ from .losses import (
 )
 from .model_card import build_model_card
 from .noise import EVAL, TRAIN, pair_generators, pair_noise_and_timesteps
+from .sampling import SampleImagesCallback
 
 logger = logging.get_logger(__name__)
 
@@ -82,6 +84,16 @@ class CollatorEpochCallback(TrainerCallback):
         if hasattr(self.trainer.data_collator, "set_epoch"):
             # state.epoch is fractional when resuming mid-epoch; the floor is the epoch being (re)started.
             self.trainer.data_collator.set_epoch(math.floor(state.epoch or 0))
+
+
+class DiffusersTensorBoardCallback(TensorBoardCallback):
+    """transformers' TensorBoard logging, for a diffusers denoiser: it writes the model's config as JSON text at the
+    start, calling `config.to_json_string()`, which a diffusers config (a dict) lacks."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.tb_writer is not None and model is not None and isinstance(getattr(model, "config", None), dict):
+            self.tb_writer.add_text("model_config", json.dumps(dict(model.config), indent=1, default=str))
 
 
 def _to_dtype(tree, dtype: torch.dtype):
@@ -181,6 +193,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
                     num_rows, filename="pair_logit_evidence.safetensors", decay=args.minority_evidence_decay
                 )
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        #: The last training step's per-pair minority statistics of the global batch (for the samples' histograms).
+        self.last_pair_statistics: dict[str, torch.Tensor] = {}
         self._filter_regime_checked = False
         super().__init__(
             model=denoiser,
@@ -212,6 +226,12 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             self.lora_forwards = LoraFrozenForwards(
                 denoiser, peft_config, self.annotators, batch_annotators=args.batch_frozen_forwards
             )
+        for callback in list(self.callback_handler.callbacks):
+            if type(callback) is TensorBoardCallback:
+                self.callback_handler.remove_callback(callback)
+                self.callback_handler.add_callback(DiffusersTensorBoardCallback())
+        if args.eval_prompts:
+            self.add_callback(SampleImagesCallback(self))
         if args.cache_dir is not None:
             use_latent_cache(self)  # encodes the datasets once (or finds their cache) and swaps in the cached collator
 
@@ -526,6 +546,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         """Log what the filter kept and dropped; returns the keep weights of the global batch."""
         keep = self._gather(keep)
         self._metrics["train"]["minority/kept_fraction"].append(keep.mean().item())
+        self.last_pair_statistics["minority/keep"] = keep.cpu()
         if "flipped" in inputs:
             flipped = self._gather(inputs["flipped"].float()).bool()
             if flipped.any():
@@ -590,6 +611,9 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             per_pair.update({"minority/score_mean": u, "minority/weight_mean": weights, "minority/margin_mean": margins})
         gathered = {name: self._gather(v) for name, v in per_pair.items()}
         metrics = {name: v.mean().item() for name, v in gathered.items()}
+        if u is not None and mode == "train":
+            self.last_pair_statistics["minority/score"] = gathered["minority/score_mean"].cpu()
+            self.last_pair_statistics["minority/weight"] = gathered["minority/weight_mean"].cpu()
         if u is not None:
             metrics["minority/weight_min"] = gathered["minority/weight_mean"].min().item()
             if "flipped" in inputs:  # synthetic-minority runs: how well u separates flipped pairs

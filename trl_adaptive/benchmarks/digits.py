@@ -783,6 +783,8 @@ def rate_unet(unet, evaluation: dict, settings: BenchmarkSettings) -> tuple[np.n
 
 def run_one(job: dict) -> dict:
     """One (flip rate, method) run: fine-tune, sample the held-out evaluation prompts and noise, rate the images."""
+    from ..evaluation.stats import win_rate  # the win rate `trl-adaptive evaluate` reports (ties count one half)
+
     evaluation = job["evaluation"]
     settings = job["settings"]
     unet, visits, seconds = train_method(job["base_folder"], job["dataset"], job["method"], job["flip_rate"], settings,
@@ -790,11 +792,10 @@ def run_one(job: dict) -> dict:
     filter_stats = visits.pop("filter_stats")
     images, rewards = rate_unet(unet, evaluation, settings)
     base_rewards = evaluation["base_rewards"]
-    wins = (rewards > base_rewards).astype(float) + 0.5 * (rewards == base_rewards)
     return {
         "flip_rate": job["flip_rate"], "method": job["method"], "train_seconds": seconds,
         "reward": float(rewards.mean()), "reward_gain": float(rewards.mean() - base_rewards.mean()),
-        "win_rate": float(wins.mean()), "detection": detection_metrics(visits), "filter_stats": filter_stats,
+        "win_rate": win_rate(base_rewards, rewards), "detection": detection_metrics(visits), "filter_stats": filter_stats,
         "images": images, **({"visits": visits} if job["save_visits"] else {}),
     }
 

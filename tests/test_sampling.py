@@ -1,0 +1,54 @@
+"""Images generated while training (`eval_prompts`): logged to TensorBoard with the minority histograms, read back
+from the event files; sampling does not change the training run; off by default."""
+
+from __future__ import annotations
+
+import glob
+
+import pytest
+import torch
+from tiny_setup import lora_config, tiny_args
+
+from trl_adaptive import AdaptiveDiffusionDPOTrainer
+from trl_adaptive.sampling import SampleImagesCallback
+from trl_adaptive.tiny import tiny_sd_pipeline, toy_preference_dataset
+
+
+def train(tmp_path, **overrides):
+    args = tiny_args(tmp_path, max_steps=3, annotator_decays=[0.9, 0.5], **overrides)
+    trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=args, train_dataset=toy_preference_dataset(8),
+                                          peft_config=lora_config())
+    trainer.train()
+    return trainer
+
+
+def test_samples_and_histograms_reach_tensorboard(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # transformers 5: where TensorBoard writes
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue square\n")
+    train(tmp_path, eval_prompts=[str(prompts)], sample_steps=2, sample_num_inference_steps=2,
+          report_to=["tensorboard"])
+    (events,) = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+    log = EventAccumulator(events, size_guidance={"images": 0, "histograms": 0}).Reload()
+    images = log.Images("samples")
+    assert [e.step for e in images] == [2, 3]  # every 2 steps, and after the last one
+    assert (images[0].width, images[0].height) == (32 * 2, 32)  # both prompts, side by side, at the resolution
+    for name in ("minority/score", "minority/weight"):
+        histograms = log.Histograms(name)
+        assert [h.step for h in histograms] == [2, 3] and histograms[0].histogram_value.num == 2  # one value per pair
+
+
+def test_sampling_leaves_the_training_run_unchanged(tmp_path):
+    plain = train(tmp_path / "plain")
+    sampled = train(tmp_path / "sampled", eval_prompts=["a red square"], sample_steps=1, sample_num_inference_steps=2)
+    for (name, a), b in zip(plain.model.named_parameters(), sampled.model.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_sampling_is_off_by_default(tmp_path):
+    trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=tiny_args(tmp_path),
+                                          train_dataset=toy_preference_dataset(8), peft_config=lora_config())
+    assert not any(isinstance(c, SampleImagesCallback) for c in trainer.callback_handler.callbacks)

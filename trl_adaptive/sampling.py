@@ -1,0 +1,78 @@
+"""Images generated while training, logged to the trackers with the minority statistics' histograms.
+
+With `AdaptiveDPOConfig.eval_prompts` set, every `sample_steps` optimizer steps the current policy generates one
+image per prompt with fixed seeds (the same noise at every sampling, so the images show what training changed) and
+the trainer logs them, and histograms of the last step's per-pair minority score, weights and filter keep mask, to
+each tracker of `report_to` that takes images: TensorBoard and Weights & Biases. Off by default, and then nothing
+here runs.
+
+Every process generates (under DeepSpeed ZeRO-3 each forward gathers the sharded weights, a collective); only the
+main process logs. Generation runs in evaluation mode, under the training's autocast, inside a forked RNG: the
+training run's random stream is not touched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback, WandbCallback
+
+
+def read_prompts(prompts: list[str]) -> list[str]:
+    """`eval_prompts` as given, or the lines of a .txt file given as its single entry."""
+    if len(prompts) == 1 and prompts[0].endswith(".txt"):
+        with open(prompts[0]) as f:
+            return [line.strip() for line in f if line.strip()]
+    return list(prompts)
+
+
+class SampleImagesCallback(TrainerCallback):
+    """Generates and logs the samples every `args.sample_steps` steps (and after the last step)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.prompts = read_prompts(trainer.args.eval_prompts)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.sample_steps == 0 or state.global_step == state.max_steps:
+            self.sample_and_log(state.global_step)
+
+    @torch.no_grad()
+    def generate(self) -> list:
+        trainer, args = self.trainer, self.trainer.args
+        pipeline = trainer.family.pipeline
+        denoiser = trainer.unwrapped(trainer.model)
+        was_training = denoiser.training
+        device = trainer.accelerator.device
+        forked = [] if device.type == "cpu" else [device]
+        denoiser.eval()
+        try:
+            with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"), \
+                    trainer.accelerator.autocast():
+                generators = [torch.Generator(device=device).manual_seed(args.seed + k) for k in range(len(self.prompts))]
+                pipeline.set_progress_bar_config(disable=True)
+                return pipeline(
+                    self.prompts, generator=generators, num_inference_steps=args.sample_num_inference_steps,
+                    guidance_scale=args.sample_guidance_scale, height=args.resolution, width=args.resolution,
+                ).images  # fmt: skip
+        finally:
+            denoiser.train(was_training)
+
+    def sample_and_log(self, step: int) -> None:
+        images = self.generate()
+        if not self.trainer.is_world_process_zero():
+            return
+        pixels = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (N, H, W, 3) uint8
+        histograms = {k: v.numpy() for k, v in self.trainer.last_pair_statistics.items()}
+        for callback in self.trainer.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+                callback.tb_writer.add_images("samples", pixels, step, dataformats="NHWC")
+                for name, values in histograms.items():
+                    callback.tb_writer.add_histogram(name, values, step)
+                callback.tb_writer.flush()
+            elif isinstance(callback, WandbCallback) and getattr(callback, "_initialized", False):
+                wandb = callback._wandb
+                logged = {"samples": [wandb.Image(image, caption=p) for image, p in zip(images, self.prompts)]}
+                logged.update({name: wandb.Histogram(values) for name, values in histograms.items()})
+                wandb.log({**logged, "train/global_step": step})
