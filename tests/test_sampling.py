@@ -41,6 +41,26 @@ def test_samples_and_histograms_reach_tensorboard(tmp_path, monkeypatch):
         assert [h.step for h in histograms] == [2, 3] and histograms[0].histogram_value.num == 2  # one value per pair
 
 
+def test_sample_reward_is_logged_as_a_scalar(tmp_path):
+    from trl_adaptive.evaluation.scorers import load_scorer
+    from trl_adaptive.tiny import tiny_clip_scorer
+
+    clip = tiny_clip_scorer(str(tmp_path / "clip"))
+    trainer = train(tmp_path / "run", eval_prompts=["a red square", "a blue square"], sample_steps=3,
+                    sample_num_inference_steps=2, sample_reward_model=f"clip={clip}")
+    (logged,) = [e for e in trainer.state.log_history if "samples/clip" in e]
+    assert logged["step"] == 3
+    images = trainer.callback_handler.callbacks[-1].generate()  # the same seeds: the same images again
+    expected = float(load_scorer("clip", clip).score(images, ["a red square", "a blue square"]).mean())
+    assert logged["samples/clip"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_wrong_sample_reward_model_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="Unknown scorer 'pickscor'"):
+        AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=tiny_args(tmp_path, eval_prompts=["a"],
+                                    sample_reward_model="pickscor"), train_dataset=toy_preference_dataset(8))
+
+
 def test_sampling_leaves_the_training_run_unchanged(tmp_path):
     plain = train(tmp_path / "plain")
     sampled = train(tmp_path / "sampled", eval_prompts=["a red square"], sample_steps=1, sample_num_inference_steps=2)

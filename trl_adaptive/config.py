@@ -276,6 +276,13 @@ class AdaptiveDPOConfig(TrainingArguments):
     sample_steps: int = field(
         default=500, metadata={"help": "With eval_prompts: sample every N optimizer steps (and after the last step)."}
     )
+    sample_reward_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "With eval_prompts: also score the samples with this scorer of trl_adaptive.evaluation (`pickscore`, "
+            "`clip`; `NAME=PATH` loads it from a local folder or Hub id) and log their mean as samples/<NAME>."
+        },
+    )
     sample_num_inference_steps: int = field(default=25, metadata={"help": "Sampling steps of the logged images."})
     sample_guidance_scale: float = field(default=7.5, metadata={"help": "Guidance scale of the logged images."})
     # ---- Speed -------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 With `AdaptiveDPOConfig.eval_prompts` set, every `sample_steps` optimizer steps the current policy generates one
 image per prompt with fixed seeds (the same noise at every sampling, so the images show what training changed) and
 the trainer logs them, and histograms of the last step's per-pair minority score, weights and filter keep mask, to
-each tracker of `report_to` that takes images: TensorBoard and Weights & Biases. Off by default, and then nothing
-here runs.
+each tracker of `report_to` that takes images: TensorBoard and Weights & Biases; with `sample_reward_model` their
+mean reward is logged as a scalar too. Off by default, and then nothing here runs.
 
 Every process generates (under DeepSpeed ZeRO-3 each forward gathers the sharded weights, a collective); only the
 main process logs. Generation runs in evaluation mode, under the training's autocast, inside a forked RNG: the
@@ -33,6 +33,13 @@ class SampleImagesCallback(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
         self.prompts = read_prompts(trainer.args.eval_prompts)
+        self.scorer = None  # loaded now, on the process that logs: a wrong name or path fails before training
+        spec = trainer.args.sample_reward_model
+        if spec and trainer.is_world_process_zero():
+            from .evaluation.scorers import load_scorer
+
+            name, _, path = spec.partition("=")
+            self.scorer = load_scorer(name, path or None, device=trainer.accelerator.device)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % args.sample_steps == 0 or state.global_step == state.max_steps:
@@ -63,6 +70,8 @@ class SampleImagesCallback(TrainerCallback):
         images = self.generate()
         if not self.trainer.is_world_process_zero():
             return
+        if self.scorer is not None:  # a scalar for every tracker (and log_history), through the Trainer's log
+            self.trainer.log({f"samples/{self.scorer.name}": float(self.scorer.score(images, self.prompts).mean())})
         pixels = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (N, H, W, 3) uint8
         histograms = {k: v.numpy() for k, v in self.trainer.last_pair_statistics.items()}
         for callback in self.trainer.callback_handler.callbacks:
