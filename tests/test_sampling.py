@@ -49,7 +49,9 @@ def test_sample_reward_is_logged_as_a_scalar(tmp_path):
     trainer = train(tmp_path / "run", eval_prompts=["a red square", "a blue square"], sample_steps=3,
                     sample_num_inference_steps=2, sample_reward_model=f"clip={clip}")
     (logged,) = [e for e in trainer.state.log_history if "samples/clip" in e]
-    assert logged["step"] == 3
+    assert logged["step"] == 3 and "loss" in logged  # with the step's training log, which is not lost
+    assert all("rewards/margins" in e for e in trainer.state.log_history if "loss" in e)
+    assert sum("loss" in e for e in trainer.state.log_history) == 3
     images = trainer.callback_handler.callbacks[-1].generate()  # the same seeds: the same images again
     expected = float(load_scorer("clip", clip).score(images, ["a red square", "a blue square"]).mean())
     assert logged["samples/clip"] == pytest.approx(expected, rel=1e-5)

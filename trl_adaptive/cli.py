@@ -163,7 +163,7 @@ def evaluate(argv: list[str]) -> dict:
     parser.add_argument("--device", default=None, help="Default: cuda (bf16) when available, else cpu (fp32).")
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
     options = parser.parse_args(argv)
-    from .evaluation import GenerationSettings, load_prompts, load_scorer
+    from .evaluation import GenerationSettings, default_device, load_prompts, load_scorer, markdown_table
     from .evaluation import evaluate as run_evaluation
 
     paths = dict(item.split("=", 1) for item in options.scorer_path)
@@ -171,7 +171,7 @@ def evaluate(argv: list[str]) -> dict:
     unknown = sorted(set(paths) - set(names))
     if unknown:
         parser.error(f"--scorer-path for scorer(s) not in --scorers: {unknown}")
-    device = options.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    device = options.device or default_device()
     scorers = [
         load_scorer(name, paths.get(name), device=device, **({"head": options.aesthetic_head} if name == "aesthetic" else {}))
         for name in names
@@ -182,8 +182,6 @@ def evaluate(argv: list[str]) -> dict:
     report = run_evaluation(options.model, options.base, prompts, scorers, options.output_dir, settings,
                             options.batch_size, device=device, resamples=options.resamples,
                             progress=not options.no_progress)
-    from .evaluation import markdown_table
-
     print(markdown_table(report["scorers"]))
     print(f"Wrote results.md, results.json and grid.png to {options.output_dir}")
     return report

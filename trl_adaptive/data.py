@@ -190,32 +190,33 @@ def find_undecodable_images(dataset, schema: PreferenceSchema, skip: set[int] = 
     names = schema.image_columns * (2 // len(schema.image_columns))
 
     def check(batch):
-        problems = []
+        problems, bad_columns = [], []
         for k, row in enumerate(batch["row_index"]):
+            column, problem = names[0], ""  # a malformed pair is reported on its (first) image column
             try:
                 pair = schema.images({c: batch[c][k] for c in columns})
                 for value, column in zip(pair, names):
                     decode_image(value, row, column)
-                problems.append("")
             except ValueError as err:
-                problems.append(str(err))
-        return {"problem": problems}
+                problem = str(err)
+            problems.append(problem)
+            bad_columns.append(column if problem else "")
+        return {"problem": problems, "column": bad_columns}
 
-    was_disabled = datasets.is_progress_bar_enabled() is False
-    if not progress:
+    hide = not progress and datasets.is_progress_bar_enabled()
+    if hide:
         datasets.disable_progress_bars()
     try:
         checked = images.map(check, batched=True, batch_size=64, num_proc=num_proc, remove_columns=columns,
                              desc="Checking images")
     finally:
-        if not progress and not was_disabled:
+        if hide:
             datasets.enable_progress_bars()
-    found = {}
-    for i, problem in enumerate(checked["problem"]):
-        if problem and i not in skip:
-            column = next((c for c in schema.image_columns if f"column {c!r}" in problem), schema.image_columns[0])
-            found[i] = (column, problem)
-    return found
+    return {
+        i: (column, problem)
+        for i, (column, problem) in enumerate(zip(checked["column"], checked["problem"]))
+        if problem and i not in skip
+    }
 
 
 def _decided(schema: PreferenceSchema, label: Any, row: int) -> bool:

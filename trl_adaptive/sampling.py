@@ -4,7 +4,7 @@ With `AdaptiveDPOConfig.eval_prompts` set, every `sample_steps` optimizer steps 
 image per prompt with fixed seeds (the same noise at every sampling, so the images show what training changed) and
 the trainer logs them, and histograms of the last step's per-pair minority score, weights and filter keep mask, to
 each tracker of `report_to` that takes images: TensorBoard and Weights & Biases; with `sample_reward_model` their
-mean reward is logged as a scalar too. Off by default, and then nothing here runs.
+mean reward goes out as a scalar with the next training log. Off by default, and then nothing here runs.
 
 Every process generates (under DeepSpeed ZeRO-3 each forward gathers the sharded weights, a collective); only the
 main process logs. Generation runs in evaluation mode, under the training's autocast, inside a forked RNG: the
@@ -70,8 +70,11 @@ class SampleImagesCallback(TrainerCallback):
         images = self.generate()
         if not self.trainer.is_world_process_zero():
             return
-        if self.scorer is not None:  # a scalar for every tracker (and log_history), through the Trainer's log
-            self.trainer.log({f"samples/{self.scorer.name}": float(self.scorer.score(images, self.prompts).mean())})
+        if self.scorer is not None:
+            # Goes out with the next training log, like every other metric (logging from here would reset the
+            # Trainer's should_log flag and drop this step's training log).
+            reward = float(self.scorer.score(images, self.prompts).mean())
+            self.trainer._metrics["train"][f"samples/{self.scorer.name}"].append(reward)
         pixels = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (N, H, W, 3) uint8
         histograms = {k: v.numpy() for k, v in self.trainer.last_pair_statistics.items()}
         for callback in self.trainer.callback_handler.callbacks:

@@ -546,7 +546,8 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
         """Log what the filter kept and dropped; returns the keep weights of the global batch."""
         keep = self._gather(keep)
         self._metrics["train"]["minority/kept_fraction"].append(keep.mean().item())
-        self.last_pair_statistics["minority/keep"] = keep.cpu()
+        if self.args.eval_prompts:
+            self.last_pair_statistics["minority/keep"] = keep.cpu()
         if "flipped" in inputs:
             flipped = self._gather(inputs["flipped"].float()).bool()
             if flipped.any():
@@ -611,7 +612,7 @@ class AdaptiveDiffusionDPOTrainer(Trainer):
             per_pair.update({"minority/score_mean": u, "minority/weight_mean": weights, "minority/margin_mean": margins})
         gathered = {name: self._gather(v) for name, v in per_pair.items()}
         metrics = {name: v.mean().item() for name, v in gathered.items()}
-        if u is not None and mode == "train":
+        if u is not None and mode == "train" and self.args.eval_prompts:  # only the samples' histograms read these
             self.last_pair_statistics["minority/score"] = gathered["minority/score_mean"].cpu()
             self.last_pair_statistics["minority/weight"] = gathered["minority/weight_mean"].cpu()
         if u is not None:

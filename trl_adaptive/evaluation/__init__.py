@@ -21,8 +21,13 @@ from .generation import GenerationSettings, base_model_from_card, comparison_gri
 from .scorers import SCORERS, Scorer, load_scorer
 from .stats import paired_summary, win_rate
 
-__all__ = ["GenerationSettings", "SCORERS", "Scorer", "evaluate", "load_prompts", "load_scorer", "markdown_table",
+__all__ = ["GenerationSettings", "SCORERS", "Scorer", "default_device", "evaluate", "load_prompts", "load_scorer", "markdown_table",
            "paired_summary", "win_rate"]
+
+
+def default_device() -> str:
+    """CUDA when available (generation in bf16 there), else the CPU (float32)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_prompts(source, column: str | None = None, split: str = "train", max_prompts: int | None = None) -> list[str]:
@@ -89,7 +94,7 @@ def evaluate(
     `scorers`: names (`SCORERS`) or `Scorer` objects, or a dict name -> local path / Hub id. `device` and `dtype`
     default to CUDA in bf16 when available, else CPU in float32. Returns what results.json holds.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     settings = settings or GenerationSettings()
     base = base or base_model_from_card(model)

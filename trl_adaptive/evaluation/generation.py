@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+from ..trainer import LORA_WEIGHTS_NAME
 
 
 @dataclass(frozen=True)
