@@ -1,0 +1,134 @@
+"""The methods grid: each method's AdaptiveDPOConfig overrides, labels, the diagnostic methods and their drop
+shares, the (flip rate, method) runs of a grid, and the config of one run (`method_config`)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .settings import BenchmarkSettings
+
+
+#: Diagnostic methods (not in the default grid): Diffusion-DPO whose pairs are dropped by their true labels.
+DIAGNOSTIC_METHODS = ("oracle_late", "matched_random", "chosen_flipped", "chosen_clean", "chosen_both")
+#: The diagnostics that choose dropped pairs by the minority filter's evidence: the groups in which they choose.
+EVIDENCE_CHOSEN_GROUPS = {"chosen_flipped": ("flipped",), "chosen_clean": ("clean",), "chosen_both": ("flipped", "clean")}
+
+
+#: AdaptiveDPOConfig overrides of each method (the shared ones, beta, lr, steps, batch, come from the settings).
+def method_overrides(method: str, flip_rate: float, train_steps: int = 0, filter_overrides: dict | None = None) -> dict:
+    if method in EVIDENCE_CHOSEN_GROUPS:  # the filter's evidence is recorded (its own choice of pairs is not used)
+        return method_overrides("filter", flip_rate, train_steps)
+    if method in ("dpo", "oracle", *DIAGNOSTIC_METHODS):
+        return {"adaptive": False}
+    if method == "cdpo":
+        return {"adaptive": False, "label_smoothing": flip_rate}
+    if method == "adaptive":  # the paper's formulation at the library's defaults (authors' README setting)
+        return {"adaptive": True}
+    if method == "adaptive_amortised":
+        return {"adaptive": True, "annotator_interval": 10}
+    if method == "capped":  # this library's loss for minority labels, at its default misranked_weight (docs/method.md)
+        return {"adaptive": False, "loss_type": "capped_sigmoid"}
+    if method == "contrast_filter":  # the minority filter on the reference's prompt-contrast votes (eleventh round)
+        return dict(CONTRAST_FILTER_OVERRIDES)
+    if method in ("filter", "filter_free"):  # this library's minority filter (docs/minority_filter.md, docs/results.md)
+        overrides = {"minority_filter_warmup_steps": int(FILTER_WARMUP_SHARE * train_steps)}
+        overrides.update(FILTER_OVERRIDES if filter_overrides is None else filter_overrides)
+        if method == "filter_free":  # votes from the training draw's own logits only: no extra forward pass
+            overrides["minority_evidence_draws"] = 0
+        return overrides
+    raise ValueError(f"unknown method {method!r}")
+
+
+#: The minority filter's settings, chosen on validation seeds at beta 2500, the regime it was built for (see
+#: docs/results.md for the sweep; at the default beta 100 it does not help, docs/minority_filter.md "Limits").
+FILTER_OVERRIDES: dict = {
+    "adaptive": False,
+    "minority_filter": "threshold",
+    "minority_filter_threshold": 0.5,
+    "minority_filter_max_fraction": 0.3,
+    "minority_evidence": "wrong_sign",
+    "minority_evidence_draws": 2,
+    "minority_evidence_decay": 0.9,
+    "minority_evidence_min_noise": 0.7,
+    "minority_filter_min_visits": 2,
+}
+#: The minority filter judging by the reference model's prompt-contrast votes (docs/minority_filter.md), chosen on
+#: validation seeds at beta 100 (docs/results.md, eleventh round). The reference does not change: no decay, and no
+#: warm-up beyond the visits a pair needs to be judged.
+CONTRAST_FILTER_OVERRIDES: dict = {
+    "adaptive": False,
+    "minority_filter": "threshold",
+    "minority_filter_threshold": 0.5,
+    "minority_filter_max_fraction": 0.3,
+    "minority_evidence": "prompt_contrast",
+    "minority_evidence_draws": 2,
+    "minority_evidence_decay": 0.0,
+    "minority_evidence_min_noise": 0.7,
+    "minority_filter_min_visits": 2,
+    "minority_filter_warmup_steps": 0,
+}
+#: Share of the fine-tuning steps spent gathering evidence before the filter drops anything.
+FILTER_WARMUP_SHARE = 1 / 3
+
+METHOD_LABELS = {
+    "dpo": "Diffusion-DPO",
+    "cdpo": "cDPO (eps = flip rate)",
+    "adaptive": "Adaptive-DPO (paper)",
+    "adaptive_amortised": "Adaptive-DPO, amortised (interval 10)",
+    "capped": "capped sigmoid (ours)",
+    "filter": "minority filter (ours)",
+    "filter_free": "minority filter, training draw only (ours)",
+    "contrast_filter": "minority filter, reference prompt contrast (ours)",
+    "oracle": "oracle (flipped pairs removed)",
+    # Diagnostic, not in the default grid: the true labels drop every flipped pair, but only from the step where the
+    # minority filter starts dropping (after its warm-up): the ceiling of any filter that starts there.
+    "oracle_late": "oracle after the filter's warm-up (diagnostic)",
+    # Diagnostic: from the same step, drop a fixed random subset of the flipped pairs and of the clean pairs, by default
+    # at the shares the minority filter dropped (MATCHED_DROP_SHARES): the filter's counts, without its choice of pairs.
+    "matched_random": "random flipped and clean pairs dropped (diagnostic)",
+    # Diagnostics that split the filter's choice in two (docs/results.md, tenth round): from the same step, drop the
+    # flipped pairs with the highest minority evidence and random clean pairs, random flipped pairs and the clean
+    # pairs with the highest evidence, or both by evidence (shares: --drop-shares). Which choice costs the reward?
+    "chosen_flipped": "evidence-chosen flipped, random clean pairs dropped (diagnostic)",
+    "chosen_clean": "random flipped, evidence-chosen clean pairs dropped (diagnostic)",
+    "chosen_both": "evidence-chosen flipped and clean pairs dropped (diagnostic)",
+}
+#: Methods whose samples (first seed, highest flip rate) go into the sample grid beside the base model's.
+SAMPLED_METHODS = ("dpo", "adaptive", "filter", "contrast_filter")
+#: Shares of flipped / clean pairs the minority filter dropped after its warm-up, per flip rate (mean of the reported
+#: seeds 0-2 at commit 1e5822d, beta 2500, docs/results.md), used by the `matched_random` diagnostic.
+MATCHED_DROP_SHARES = {0.1: (0.78, 0.24), 0.2: (0.62, 0.22), 0.3: (0.54, 0.20)}
+
+
+def runs_for(settings: BenchmarkSettings) -> list[tuple[float, str]]:
+    """(flip rate, method) runs of the grid; at 0% flips cDPO and the oracle are Diffusion-DPO and are not rerun."""
+    runs = []
+    for rate in settings.flip_rates:
+        for method in settings.methods:
+            if rate == 0.0 and method in ("cdpo", "oracle", *DIAGNOSTIC_METHODS):
+                continue
+            runs.append((rate, method))
+    return runs
+
+
+def method_config(method: str, flip_rate: float, settings: BenchmarkSettings, seed: int, work_dir: str):
+    """The AdaptiveDPOConfig of one run: the settings shared by every method, then the method's overrides."""
+    from ...config import AdaptiveDPOConfig
+
+    fields = dict(beta=settings.beta, learning_rate=settings.learning_rate, max_steps=settings.train_steps,
+                  per_device_train_batch_size=settings.train_batch, seed=seed, data_seed=seed)
+    fields.update(method_overrides(method, flip_rate, settings.train_steps, settings.filter_overrides))
+    return AdaptiveDPOConfig(
+        output_dir=os.path.join(work_dir, f"{method}-{flip_rate}"),
+        lr_scheduler_type="constant",
+        resolution=8,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        **fields,
+    )

@@ -1,0 +1,43 @@
+"""The real digits (split between base model and rater), the model images as grey uint8, and the rater: soft
+logistic regression whose reward is the probability of the prompted digit."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def split_digits(seed: int = 0):
+    """Real digits split in half: one half pretrains the base model, the other trains the rater (stratified)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32) / 16.0  # (N, 8, 8) in [0, 1]
+    return train_test_split(x, digits.target, test_size=0.5, stratify=digits.target, random_state=seed)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, 8, 8) model images in [-1, 1] -> (N, 8, 8) grey uint8, what is stored, rated and shown."""
+    grey = images.float().clamp(-1, 1).mean(dim=1)
+    return ((grey + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+class DigitRater:
+    """Soft logistic-regression rater on real digits; reward = probability of the prompted digit."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, c: float, seed: int = 0):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import train_test_split
+
+        x_train, x_test, y_train, y_test = train_test_split(
+            images.reshape(len(images), -1), labels, test_size=0.25, stratify=labels, random_state=seed
+        )
+        self.model = LogisticRegression(C=c, max_iter=5000).fit(x_train, y_train)
+        self.held_out_accuracy = float(self.model.score(x_test, y_test))
+        self.model.fit(images.reshape(len(images), -1), labels)
+
+    def rewards(self, images_uint8: np.ndarray, digits: np.ndarray) -> np.ndarray:
+        features = images_uint8.reshape(len(images_uint8), -1).astype(np.float32) / 255.0
+        probs = self.model.predict_proba(features)
+        return probs[np.arange(len(digits)), np.asarray(digits)]
