@@ -403,8 +403,9 @@ def ours_phases(case: Case, template, dataset, opts, device, count: bool = True,
     )
     if count:
         case.setup_s = time.perf_counter() - started  # includes building the latent cache, the first time
-    if trainer.annotators is not None:
-        state = sum(t.numel() * t.element_size() for shadow in trainer.annotators.shadows for t in shadow.values())
+    annotators = getattr(trainer.robustness.get("adaptive"), "annotators", None)
+    if annotators is not None:
+        state = sum(t.numel() * t.element_size() for shadow in annotators.shadows for t in shadow.values())
         trainable = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
         case.extra.update(annotator_state_bytes=state, trainable_param_bytes=trainable)
     yield

@@ -112,7 +112,7 @@ def command_run(out: str, batch: int, lora: bool) -> None:
     """One tiny Adaptive-DPO run; the equal-results test launches it on 1 or 2 processes."""
     trainer = build_trainer(out, batch, lora=lora, **EQUAL_RESULTS_OPTIMIZER)
     trainer.train()
-    annotators = trainer.bound_annotators().state_dict()  # collective under ZeRO-3
+    annotators = trainer.forwards.bound_annotators().state_dict()  # collective under ZeRO-3
     if trainer.accelerator.is_main_process:
         result = {
             "world_size": trainer.accelerator.num_processes,
@@ -140,7 +140,7 @@ def check_sharded_annotator_forward(trainer) -> dict[str, float]:
     import deepspeed
 
     module = trainer.accelerator.unwrap_model(trainer.model)
-    annotators = trainer.bound_annotators()
+    annotators = trainer.forwards.bound_annotators()
     full_shadows = {k.split("/", 1)[1]: v for k, v in annotators.state_dict().items() if k.startswith("0/")}
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
         plain = type(module).from_config(module.config)
@@ -222,7 +222,7 @@ def check_zero3_from_folder(folder: str) -> dict:
         "frozen_numel": sum(p.numel() for p in frozen),
         "denoiser_partitioned": all(hasattr(p, "ds_id") for p in denoiser.parameters()),
         "reference": type(trainer.ref_model).__name__,
-        "annotators": type(trainer.annotators).__name__,
+        "annotators": type(trainer.robustness["adaptive"].annotators).__name__,
         "metrics": logged_metrics(trainer),
     }
     del trainer
@@ -263,7 +263,7 @@ def command_deepspeed(out: str) -> None:
             denoiser = trainer.accelerator.unwrap_model(trainer.model)
             entry = {
                 "zero_stage": _zero_stage(trainer),
-                "annotators": type(trainer.annotators).__name__,
+                "annotators": type(trainer.robustness["adaptive"].annotators).__name__,
                 "reference": type(trainer.ref_model).__name__,
                 "frozen_in_optimizer": sum(id(p) in {id(q) for q in optimized} for p in frozen),
                 "frozen_partitioned": sum(hasattr(p, "ds_id") for p in frozen),
@@ -302,8 +302,8 @@ def command_deepspeed(out: str) -> None:
         trainer.train(resume_from_checkpoint=resume)
         runs[label] = {
             "weights": trained_weights(trainer),
-            "annotators": trainer.bound_annotators().state_dict(),
-            "num_updates": trainer.annotators.num_updates,
+            "annotators": trainer.forwards.bound_annotators().state_dict(),
+            "num_updates": trainer.robustness["adaptive"].annotators.num_updates,
         }
         del trainer
         _reset_accelerate()

@@ -53,7 +53,7 @@ def run_case(model: str, case: str, seed: int = 0, output_dir: str | None = None
         "initial": initial,
         "final": fingerprint(trainer.model, trainable_only=lora),
         "annotators": hashlib.sha256(
-            b"".join(t.float().numpy().tobytes() for _, t in sorted(trainer.annotators.state_dict().items()))
+            b"".join(t.float().numpy().tobytes() for _, t in sorted(trainer.robustness["adaptive"].annotators.state_dict().items()))
         ).hexdigest(),
         "loss": repr(trainer.state.log_history[-1]["train_loss"]),
     }

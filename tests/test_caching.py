@@ -170,7 +170,7 @@ def test_training_from_cache_equals_training_from_pixels(dataset, tmp_path, late
         with torch.no_grad():
             for param in (p for p in trainer.model.parameters() if p.requires_grad):
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
-            for shadow in trainer.annotators.shadows:
+            for shadow in trainer.robustness["adaptive"].annotators.shadows:
                 for tensor in shadow.values():
                     tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
         torch.manual_seed(123)  # the same posterior draws, noise and timesteps for both

@@ -71,7 +71,7 @@ def test_diagnostic_drops_follow_the_labels_from_the_given_step(tmp_path, shares
     trainer.train()
     flipped = torch.tensor(list(pairs["flipped"]))
     rows = torch.tensor(list(pairs["row_index"]))
-    u = trainer.row_uniforms[rows]
+    u = trainer.robustness["truth_drops"].row_uniforms[rows]
     expected_flipped = float((u[flipped] < shares[0]).float().mean())
     expected_clean = float((u[~flipped] < shares[1]).float().mean())
     logs = [log for log in trainer.state.log_history if "minority/flipped_dropped" in log]
@@ -101,21 +101,22 @@ def test_evidence_chosen_drops_take_the_pairs_with_the_highest_evidence(tmp_path
     trainer = digits._recording_trainer_class()(
         tiny_sd_pipeline(), args=args, train_dataset=pairs, truth_filter_from=1,
         truth_drop_shares=(shares["flipped"], shares["clean"]), evidence_chosen_groups=digits.EVIDENCE_CHOSEN_GROUPS[method])
-    history = trainer.evidence_history
+    diagnostics = trainer.robustness["truth_drops"]
+    history = diagnostics.history
     rows = torch.tensor(list(pairs["row_index"]))
     flipped = torch.tensor(list(pairs["flipped"]))
     evidence = torch.linspace(0.0, 1.0, len(rows), dtype=torch.float64)[torch.randperm(len(rows))]
     history.total[rows], history.weight[rows] = evidence, torch.ones(len(rows), dtype=torch.float64)
     history.visits[rows] = 2
     history.visits[rows[0]] = 0  # not judged yet (fewer than minority_filter_min_visits): never chosen
-    drops = trainer.diagnostic_drops()[rows]
+    drops = diagnostics.diagnostic_drops()[rows]
     for group, members in (("flipped", flipped), ("clean", ~flipped)):
         if group in digits.EVIDENCE_CHOSEN_GROUPS[method]:
             judged = members & (history.visits[rows] >= args.minority_filter_min_visits)
             expected = judged & (evidence > torch.quantile(evidence[judged], 1 - shares[group]))
             assert 0 < int(expected.sum()) <= round(shares[group] * int(judged.sum())) + 1
         else:
-            expected = trainer.row_uniforms[rows] < shares[group]
+            expected = diagnostics.row_uniforms[rows] < shares[group]
         assert torch.equal(drops[members], expected[members]), group
     # The evidence comes from the filter: a run without it cannot choose by evidence.
     plain = AdaptiveDPOConfig(output_dir=str(tmp_path), adaptive=False, max_steps=3, resolution=32, report_to=[],

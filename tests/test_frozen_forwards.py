@@ -34,7 +34,7 @@ def _perturb(trainer, seed=0):
         for name, param in trainer.model.named_parameters():
             if param.requires_grad:
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
-        for shadow in trainer.annotators.shadows:
+        for shadow in trainer.robustness["adaptive"].annotators.shadows:
             for tensor in shadow.values():
                 tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
 
@@ -46,12 +46,12 @@ def _batch(trainer):
 def test_batched_reference_and_annotators_equal_one_by_one(tmp_path, dataset):
     batched = _trainer(tmp_path / "batched", dataset, batch_frozen_forwards=True)
     sequential = _trainer(tmp_path / "sequential", dataset, batch_frozen_forwards=False)
-    assert batched.lora_forwards.batches_annotators and not sequential.lora_forwards.batches_annotators
+    assert batched.forwards.lora.batches_annotators and not sequential.forwards.lora.batches_annotators
     outputs = []
     for trainer in (batched, sequential):
         _perturb(trainer)
         torch.manual_seed(0)
-        outputs.append(trainer.pair_forward(trainer.model, _batch(trainer)))
+        outputs.append(trainer.forwards.pair_forward(trainer.model, _batch(trainer), 0, with_annotators=True))
     torch.testing.assert_close(outputs[0]["reference_errors"], outputs[1]["reference_errors"], rtol=1e-5, atol=1e-6)
     assert len(outputs[0]["logits"]) == 3
     for mine, theirs in zip(outputs[0]["logits"], outputs[1]["logits"]):
@@ -68,7 +68,7 @@ def test_lora_reference_is_the_base_model(tmp_path, dataset):
     timesteps = torch.tensor([10, 200, 500, 900])
     conditioning = {"encoder_hidden_states": torch.randn(4, 16, 32)}
     with torch.no_grad():
-        reference = trainer.lora_forwards.reference(family, denoiser, noisy, timesteps, conditioning)
+        reference = trainer.forwards.lora.reference(family, denoiser, noisy, timesteps, conditioning)
         with_lora = family.predict(denoiser, noisy, timesteps, conditioning)
         denoiser.disable_adapters()
         base = family.predict(denoiser, noisy, timesteps, conditioning)
@@ -79,7 +79,7 @@ def test_lora_reference_is_the_base_model(tmp_path, dataset):
 
 def test_annotator_adapters_share_the_shadows(tmp_path, dataset):
     trainer = _trainer(tmp_path, dataset)
-    denoiser, annotators = trainer.model, trainer.annotators
+    denoiser, annotators = trainer.model, trainer.robustness["adaptive"].annotators
     params = dict(denoiser.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     assert trainable == set(annotators.names) and all(".default." in n for n in trainable)

@@ -6,6 +6,7 @@ import warnings
 import torch
 
 from trl_adaptive import AdaptiveDiffusionDPOTrainer, AdaptiveDPOConfig
+from trl_adaptive.forwards import PairForwards
 from trl_adaptive.tiny import tiny_sd_pipeline, toy_preference_dataset
 
 
@@ -20,7 +21,7 @@ def test_filter_records_evidence_and_drops_pairs(tmp_path):
     )
     trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(8))
     trainer.train()
-    history = trainer.evidence_history
+    history = trainer.robustness["minority_filter"].history
     # 3 steps x 4 pairs visited; each visit casts 2 votes (training draw + 1 extra draw), each 0 or 1, and each later
     # visit discounts the earlier ones by the default decay 0.9.
     assert history.decay == 0.9
@@ -42,25 +43,25 @@ def test_filter_on_the_paper_score_shares_the_decayed_history(tmp_path):
         minority_filter_min_visits=1,
     )
     trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(4))
-    assert trainer.evidence_history is trainer.pair_history and trainer.pair_history.decay == 0.5
+    assert trainer.robustness["minority_filter"].history is trainer.robustness["adaptive"].history and trainer.robustness["adaptive"].history.decay == 0.5
     trainer.train()
     # 4 pairs, one per row, visited on both steps (batch 4 = the whole dataset): weights 0.5 + 1.
-    assert trainer.pair_history.visits.tolist() == [2, 2, 2, 2]
-    assert torch.allclose(trainer.pair_history.weight, torch.full((4,), 1.5, dtype=torch.float64))
+    assert trainer.robustness["adaptive"].history.visits.tolist() == [2, 2, 2, 2]
+    assert torch.allclose(trainer.robustness["adaptive"].history.weight, torch.full((4,), 1.5, dtype=torch.float64))
 
 
 def test_noisy_timestep_evidence_gates_the_training_draw_and_moves_the_extra_draws(tmp_path, monkeypatch):
     torch.set_flush_denormal(True)
     # The tiny scheduler has 1000 timesteps: min_noise 0.9 keeps t in [900, 1000).
     seen = []
-    original = AdaptiveDiffusionDPOTrainer.pair_forward
+    original = PairForwards.pair_forward
 
-    def spy(self, model, inputs, draw=0, min_noise=0.0):
-        out = original(self, model, inputs, draw=draw, min_noise=min_noise)
+    def spy(self, model, inputs, global_step, with_annotators=False, draw=0, min_noise=0.0):
+        out = original(self, model, inputs, global_step, with_annotators, draw=draw, min_noise=min_noise)
         seen.append((draw, out["timesteps"].clone()))
         return out
 
-    monkeypatch.setattr(AdaptiveDiffusionDPOTrainer, "pair_forward", spy)
+    monkeypatch.setattr(PairForwards, "pair_forward", spy)
     args = AdaptiveDPOConfig(
         output_dir=str(tmp_path), adaptive=False, max_steps=3, per_device_train_batch_size=8, resolution=32,
         report_to=[], save_strategy="no", use_cpu=True, minority_filter="top_fraction", minority_evidence_draws=1,
@@ -73,7 +74,7 @@ def test_noisy_timestep_evidence_gates_the_training_draw_and_moves_the_extra_dra
     assert (extra >= 900).all() and len(extra) == 24
     assert (training < 900).any()
     # Every visit has its extra vote; the training draw's vote counts only where its timestep is >= 900.
-    history = trainer.evidence_history
+    history = trainer.robustness["minority_filter"].history
     assert history.visits.tolist() == [3] * 8
     assert float(history.weight.sum()) == 24 + int((training >= 900).sum())
 
@@ -139,22 +140,22 @@ def _prompt_contrast_args(folder, **overrides):
 def test_prompt_contrast_votes_come_from_the_reference_not_the_policy(tmp_path, monkeypatch):
     torch.set_flush_denormal(True)
     counted = []
-    original = AdaptiveDiffusionDPOTrainer.prompt_contrast_votes
+    original = PairForwards.prompt_contrast_votes
 
     def spy(self, *args, **kwargs):
         votes, differs = original(self, *args, **kwargs)
         counted.append(int(differs.sum()))
         return votes, differs
 
-    monkeypatch.setattr(AdaptiveDiffusionDPOTrainer, "prompt_contrast_votes", spy)
+    monkeypatch.setattr(PairForwards, "prompt_contrast_votes", spy)
     trainer = AdaptiveDiffusionDPOTrainer(
         tiny_sd_pipeline(), args=_prompt_contrast_args(tmp_path), train_dataset=toy_preference_dataset(4)
     )
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
     def votes():
-        noised = trainer._noised_pairs(trainer.model, inputs, draw=1, min_noise=0.5)
-        return trainer.prompt_contrast_votes(trainer.model, inputs, noised)
+        noised = trainer.forwards.noised_pairs(trainer.model, inputs, trainer.state.global_step, draw=1, min_noise=0.5)
+        return trainer.forwards.prompt_contrast_votes(trainer.model, inputs, noised)
 
     before, differs = votes()
     parameters_before = [p.detach().clone() for p in trainer.model.parameters()]
@@ -169,19 +170,19 @@ def test_prompt_contrast_votes_come_from_the_reference_not_the_policy(tmp_path, 
     assert differs.tolist() == [prompts[i] != prompts[i - 1] for i in range(4)]
     assert 0 < sum(differs.tolist()) < 4
     # Two steps, each with the training draw and one extra draw: every counted vote is one record (no decay).
-    history = trainer.evidence_history
+    history = trainer.robustness["minority_filter"].history
     assert len(counted) == 2 + 2 + 2  # the two calls above, then two per training step
     assert float(history.weight.sum()) == sum(counted[1:-1])
     assert any("minority/evidence_mean" in log for log in trainer.state.log_history)
 
 
 def test_prompt_contrast_warns_when_the_reference_barely_agrees_with_the_labels(tmp_path, monkeypatch):
-    import trl_adaptive.trainer as trainer_module
+    import trl_adaptive.robustness.minority_filter as filter_module
 
     torch.set_flush_denormal(True)
 
     def messages(minimum, folder):
-        monkeypatch.setattr(trainer_module, "PROMPT_CONTRAST_MIN_AGREEMENT", minimum)
+        monkeypatch.setattr(filter_module, "PROMPT_CONTRAST_MIN_AGREEMENT", minimum)
         trainer = AdaptiveDiffusionDPOTrainer(
             tiny_sd_pipeline(), args=_prompt_contrast_args(folder, max_steps=3, beta=1.0),
             train_dataset=toy_preference_dataset(8),

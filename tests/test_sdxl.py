@@ -135,8 +135,8 @@ def test_pair_forward_is_independent_of_how_pairs_are_batched(pairs, tmp_path):
     rows = [trainer.train_dataset[i] for i in range(4)]
     trainer.model.train()
     with torch.no_grad():
-        together = trainer.pair_forward(trainer.model, collate(rows))
-        halves = [trainer.pair_forward(trainer.model, collate(part)) for part in (rows[:2], rows[2:])]
+        together = trainer.forwards.pair_forward(trainer.model, collate(rows), 0)
+        halves = [trainer.forwards.pair_forward(trainer.model, collate(part), 0) for part in (rows[:2], rows[2:])]
     for key in ("policy_errors", "reference_errors"):
         split = torch.cat([h[key].view(2, -1) for h in halves], dim=1).view(-1)  # winners of both, then losers
         torch.testing.assert_close(together[key], split, atol=1e-6, rtol=1e-5)

@@ -128,9 +128,9 @@ def test_training_moves_trainable_weights_only_and_logs_metrics(case, toy_pairs,
         assert 0.0 < logs[1]["minority/weight_min"] <= logs[1]["minority/weight_mean"] <= 1.0
         assert "minority/score_flipped" in logs[1] and "minority/score_clean" in logs[1]
         expected_annotators = len(options.get("annotator_decays", [0.9999, 0.5]))
-        assert (trainer.annotators is not None) == (expected_annotators > 0)
+        assert (trainer.robustness["adaptive"].annotators is not None) == (expected_annotators > 0)
     else:
-        assert trainer.annotators is None
+        assert "adaptive" not in trainer.robustness
 
 
 def test_metric_warmup_runs_plain_dpo_first(toy_pairs, tmp_path):
@@ -142,7 +142,7 @@ def test_metric_warmup_runs_plain_dpo_first(toy_pairs, tmp_path):
     first, second = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert not any(name in first for name in MINORITY_METRICS)  # step 1: plain Diffusion-DPO
     assert all(name in second for name in MINORITY_METRICS)  # step 2: the metric is on
-    assert trainer.annotators.num_updates == 2  # the annotators were updated during the warm-up too
+    assert trainer.robustness["adaptive"].annotators.num_updates == 2  # the annotators were updated during the warm-up too
 
 
 def test_logged_margin_is_the_adaptive_margin_not_the_logit(toy_pairs, tmp_path):
@@ -371,8 +371,8 @@ def test_resume_matches_uninterrupted_run(lora, tmp_path):
     assert final_a.keys() == final_b.keys()
     for name in final_a:
         torch.testing.assert_close(final_b[name], final_a[name], rtol=0, atol=0)
-    assert resumed.annotators.num_updates == uninterrupted.annotators.num_updates == 5
-    for shadow_a, shadow_b in zip(uninterrupted.annotators.shadows, resumed.annotators.shadows):
+    assert resumed.robustness["adaptive"].annotators.num_updates == uninterrupted.robustness["adaptive"].annotators.num_updates == 5
+    for shadow_a, shadow_b in zip(uninterrupted.robustness["adaptive"].annotators.shadows, resumed.robustness["adaptive"].annotators.shadows):
         for name in shadow_a:
             torch.testing.assert_close(shadow_b[name], shadow_a[name], rtol=0, atol=0)
     losses_a = [e["loss"] for e in uninterrupted.state.log_history if "loss" in e]
@@ -548,7 +548,7 @@ def test_rounding_level_logits_give_no_minority_score(toy_pairs, tmp_path):
     )
     torch.manual_seed(0)
     rounding_noise = 1e-8 * torch.randn(3, 8)
-    u = trainer.minority_scores(rounding_noise, {"row_index": torch.arange(8)}, training=False)
+    u = trainer.robustness["adaptive"].scores(rounding_noise, torch.arange(8), training=False)
     assert u.max().item() < 0.05  # unfloored, the same noise scores up to ~0.9
 
 
@@ -586,3 +586,12 @@ def test_skip_bad_rows_drops_lists_and_resumes_past_them(tmp_path):
     resumed = build()
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))  # past the bad row's place, to the end
     assert resumed.state.global_step == 4
+
+
+def test_attributes_of_0_1_still_work_with_a_deprecation_warning(toy_pairs, tmp_path):
+    trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=tiny_args(tmp_path), train_dataset=toy_pairs)
+    with pytest.warns(FutureWarning, match=r'robustness\["adaptive"\].annotators'):
+        assert trainer.annotators is trainer.robustness["adaptive"].annotators is not None
+    with pytest.warns(FutureWarning, match="forwards.pair_forward"):
+        out = trainer.pair_forward(trainer.model, trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[0]])))
+    assert len(out["logits"]) == 3  # the current model and both annotators, as in 0.1

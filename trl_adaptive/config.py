@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .filtering import MINORITY_EVIDENCE, MINORITY_FILTERS
-from .losses import DEFAULT_MISRANKED_WEIGHT, MARGIN_POWERS, PREFERENCE_LOSSES, WEIGHT_FUNCTIONS
+from .losses import DEFAULT_MISRANKED_WEIGHT, PREFERENCE_LOSSES
+from .robustness import validate_config as validate_robustness_options
 
-METRIC_NORMALIZATIONS = ("none", "rms")
 LATENT_SAMPLING = ("sample", "mean")
 
 
@@ -325,24 +324,8 @@ class AdaptiveDPOConfig(TrainingArguments):
                 raise ValueError(f"AdaptiveDPOConfig.{name} must be {requirement}, got {getattr(self, name)}")
 
         check_choice("loss_type", PREFERENCE_LOSSES)
-        check_choice("weight_fn", WEIGHT_FUNCTIONS)
-        check_choice("margin", MARGIN_POWERS)
-        check_choice("metric_normalize", METRIC_NORMALIZATIONS)
-        check_choice("minority_filter", MINORITY_FILTERS)
-        check_choice("minority_evidence", MINORITY_EVIDENCE)
-        if self.minority_filter != "none" and self.minority_evidence == "score" and not self.adaptive:
-            raise ValueError("AdaptiveDPOConfig.minority_evidence='score' needs adaptive=True (u comes from the annotators)")
-        contrasted = self.minority_filter != "none" and self.minority_evidence == "prompt_contrast"
-        if contrasted and self.per_device_train_batch_size < 2:
-            raise ValueError(
-                "AdaptiveDPOConfig.minority_evidence='prompt_contrast' needs per_device_train_batch_size >= 2, got "
-                f"{self.per_device_train_batch_size}: each pair's contrast prompt is another pair's in the same batch"
-            )
-        require("minority_evidence_decay", 0.0 <= self.minority_evidence_decay < 1.0, "in [0, 1) (0: plain mean)")
-        require("minority_evidence_min_noise", 0.0 <= self.minority_evidence_min_noise < 1.0, "in [0, 1) (0: every timestep)")
-        require("minority_filter_fraction", 0.0 <= self.minority_filter_fraction < 1.0, "in [0, 1)")
-        require("minority_filter_max_fraction", 0.0 < self.minority_filter_max_fraction <= 1.0, "in (0, 1]")
-        require("minority_filter_min_separation", self.minority_filter_min_separation >= 0, ">= 0")
+        # Adaptive-DPO's and the minority filter's fields are checked by those methods (trl_adaptive.robustness).
+        validate_robustness_options(self)
         check_choice("latent_sampling", LATENT_SAMPLING)
         if self.cache_dir is not None and self.random_crop:
             raise ValueError(
@@ -363,18 +346,6 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError(
                 f"AdaptiveDPOConfig.misranked_weight applies to loss_type 'capped_sigmoid' only, not {self.loss_type!r}"
             )
-        self.annotator_decays = [float(d) for d in (self.annotator_decays or [])]
-        for decay in self.annotator_decays:
-            if not 0.0 <= decay < 1.0:
-                raise ValueError(f"AdaptiveDPOConfig.annotator_decays entries must be in [0, 1), got {decay}")
-        require("annotator_interval", self.annotator_interval >= 1, ">= 1")
-        require("metric_rho", self.metric_rho > 0, "> 0")
-        for name in ("metric_warmup_steps", "minority_filter_warmup_steps", "minority_filter_min_visits",
-                     "minority_evidence_draws"):
-            require(name, getattr(self, name) >= 0, ">= 0")
-        if self.weight_intercept <= 0 and self.weight_fn in ("linear", "quadratic"):
-            raise ValueError("AdaptiveDPOConfig.weight_intercept must be > 0 for weight_fn 'linear'/'quadratic'")
-        require("weight_scale", self.weight_scale >= 0, ">= 0")
         require("resolution", self.resolution > 0 and self.resolution % 8 == 0, "a positive multiple of 8")
         require("empty_prompt_probability", 0.0 <= self.empty_prompt_probability <= 1.0, "in [0, 1]")
         require("sample_steps", self.sample_steps >= 1, ">= 1")

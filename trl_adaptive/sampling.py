@@ -49,7 +49,7 @@ class SampleImagesCallback(TrainerCallback):
     def generate(self) -> list:
         trainer, args = self.trainer, self.trainer.args
         pipeline = trainer.family.pipeline
-        denoiser = trainer.unwrapped(trainer.model)
+        denoiser = trainer.forwards.unwrapped(trainer.model)
         was_training = denoiser.training
         device = trainer.accelerator.device
         forked = [] if device.type == "cpu" else [device]
@@ -74,9 +74,9 @@ class SampleImagesCallback(TrainerCallback):
             # Goes out with the next training log, like every other metric (logging from here would reset the
             # Trainer's should_log flag and drop this step's training log).
             reward = float(self.scorer.score(images, self.prompts).mean())
-            self.trainer._metrics["train"][f"samples/{self.scorer.name}"].append(reward)
+            self.trainer.metrics.add("train", f"samples/{self.scorer.name}", reward)
         pixels = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (N, H, W, 3) uint8
-        histograms = {k: v.numpy() for k, v in self.trainer.last_pair_statistics.items()}
+        histograms = {k: v.numpy() for k, v in self.trainer.metrics.last_pair_statistics.items()}
         for callback in self.trainer.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
                 callback.tb_writer.add_images("samples", pixels, step, dataformats="NHWC")

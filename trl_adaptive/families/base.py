@@ -35,19 +35,27 @@ class DiffusionFamily(ABC):
     #: Default LoRA target modules of the denoiser (diffusers' attention projections).
     default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     #: Draw latents from the VAE posterior (the diffusers scripts) or use its mean; set from
-    #: `AdaptiveDPOConfig.latent_sampling` by the trainer.
+    #: `AdaptiveDPOConfig.latent_sampling` by `configure`.
     sample_latents: bool = True
+    #: The pipeline component that is trained.
+    denoiser_component: str = "unet"
+    #: Keep a VAE whose config sets `force_upcast` in float32 (SDXL's, SD3's and Flux's overflow in float16).
+    upcast_forced_vae: bool = False
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
         # Training always uses the DDPM forward process of the pipeline's own schedule, whatever sampler it ships.
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
 
+    def configure(self, args) -> None:
+        """Take the training options that concern the family from an `AdaptiveDPOConfig` (the trainer calls this)."""
+        self.sample_latents = args.latent_sampling == "sample"
+
     # ---- modules ---------------------------------------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module:
-        """The network that is trained (the UNet)."""
-        return self.pipeline.unet
+        """The network that is trained (the UNet, or the transformer of flow-matching models)."""
+        return getattr(self.pipeline, self.denoiser_component)
 
     @abstractmethod
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
@@ -68,6 +76,9 @@ class DiffusionFamily(ABC):
         """Freeze the non-trained modules and move them to the training device in the given dtype."""
         for module in self.frozen_modules().values():
             module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+        vae = getattr(self.pipeline, "vae", None)
+        if self.upcast_forced_vae and vae is not None and vae.config.get("force_upcast", False):
+            vae.to(dtype=torch.float32)
 
     # ---- inputs ----------------------------------------------------------------------------------------
     @abstractmethod
@@ -189,19 +200,25 @@ class DiffusionFamily(ABC):
 
         `state_dict` is a full state dict gathered elsewhere (DeepSpeed ZeRO-3); by default the module's own.
         """
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, state_dict=state_dict))
+        layers = self.lora_layers(get_peft_model_state_dict(denoiser, state_dict=state_dict))
         metadata = lora_config.to_dict() if lora_config is not None else None
+        component = self.denoiser_component
         type(self.pipeline).save_lora_weights(
-            output_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+            output_dir, safe_serialization=True,
+            **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": metadata},
         )
+
+    def lora_layers(self, peft_state_dict: dict) -> dict:
+        """The denoiser's LoRA weights in the key format its pipeline's `save_lora_weights` expects."""
+        return convert_state_dict_to_diffusers(peft_state_dict)
 
     def load_lora_into(self, denoiser: torch.nn.Module, folder: str) -> None:
         """Load LoRA weights written by `save_lora` into the denoiser's active adapter (used to resume)."""
         state_dict = type(self.pipeline).lora_state_dict(folder)
         state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict
-        prefix = "unet."
-        unet_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+        prefix = f"{self.denoiser_component}."
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(own), adapter_name="default")
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"LoRA checkpoint in {folder} has keys the model lacks: {result.unexpected_keys[:5]}")
 
@@ -210,9 +227,9 @@ class DiffusionFamily(ABC):
         by DeepSpeed), those weights replace the in-memory denoiser's."""
         self.pipeline.save_pretrained(output_dir, safe_serialization=True)
         if denoiser_state_dict is not None:
-            # Under ZeRO-3 the in-memory UNet holds only empty placeholders: its files are replaced by the gathered
-            # weights, sharded (with an index) the way diffusers writes and reads large models.
-            folder = os.path.join(output_dir, "unet")
+            # Under ZeRO-3 the in-memory denoiser holds only empty placeholders: its files are replaced by the
+            # gathered weights, sharded (with an index) the way diffusers writes and reads large models.
+            folder = os.path.join(output_dir, self.denoiser_component)
             for name in os.listdir(folder):
                 if name.startswith("diffusion_pytorch_model"):
                     os.remove(os.path.join(folder, name))
@@ -222,4 +239,5 @@ class DiffusionFamily(ABC):
 
     def load_denoiser_into(self, denoiser: torch.nn.Module, folder: str) -> None:
         """Load denoiser weights written by `save_pipeline`, sharded or not (used to resume a full fine-tune)."""
-        load_torch_model(denoiser, os.path.join(folder, "unet"), strict=True, filename_pattern=DENOISER_WEIGHTS_PATTERN)
+        load_torch_model(denoiser, os.path.join(folder, self.denoiser_component), strict=True,
+                         filename_pattern=DENOISER_WEIGHTS_PATTERN)

@@ -30,17 +30,12 @@ class StableDiffusionXLFamily(DiffusionFamily):
     """
 
     pipeline_classes = (StableDiffusionXLPipeline,)
+    upcast_forced_vae = True
 
     def frozen_modules(self):
         names = ("text_encoder", "text_encoder_2", "vae")
         modules = {name: getattr(self.pipeline, name, None) for name in names}
         return {name: module for name, module in modules.items() if module is not None}
-
-    def place_frozen_modules(self, device: torch.device, dtype: torch.dtype) -> None:
-        super().place_frozen_modules(device, dtype)
-        vae = self.pipeline.vae
-        if vae.config.get("force_upcast", False):
-            vae.to(dtype=torch.float32)
 
     # ---- inputs ----------------------------------------------------------------------------------------
     @torch.no_grad()

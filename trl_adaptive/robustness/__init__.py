@@ -1,0 +1,52 @@
+"""Per-pair treatments of the preference loss for minority labels, each behind `RobustnessMethod`.
+
+`ROBUSTNESS_METHODS` lists them in the order they run (a later method may read an earlier one's state: the minority
+filter's ``score`` evidence is Adaptive-DPO's record of u). To add a method: subclass `RobustnessMethod` in its own
+file, add it here and to `build_methods`, and add it to the cases of tests/test_robustness.py (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from .adaptive import AdaptiveDPO
+from .base import GlobalBatch, PairStep, PairTreatment, RobustnessMethod, combine
+from .minority_filter import MinorityFilter, report_kept_pairs
+
+ROBUSTNESS_METHODS: tuple[type[RobustnessMethod], ...] = (AdaptiveDPO, MinorityFilter)
+
+
+def validate_config(args) -> None:
+    """Every method checks its own fields (on or off: a bad value is an error either way)."""
+    for method in ROBUSTNESS_METHODS:
+        method.validate(args)
+
+
+def build_methods(args, train_dataset, batch: GlobalBatch, forwards) -> dict[str, RobustnessMethod]:
+    """The methods the config turns on, by name, in running order (not yet `setup`). Their per-pair records are
+    sized by the training data's largest ``row_index`` (none without training data)."""
+    methods: dict[str, RobustnessMethod] = {}
+    enabled = any(method.enabled(args) for method in ROBUSTNESS_METHODS)
+    num_rows = max(train_dataset["row_index"]) + 1 if enabled and train_dataset is not None else None
+    if AdaptiveDPO.enabled(args):
+        # With the filter judging by `score`, Adaptive-DPO's record is its evidence too, so it takes the filter's decay.
+        shared = MinorityFilter.enabled(args) and args.minority_evidence == "score"
+        decay = args.minority_evidence_decay if shared else 0.0
+        methods["adaptive"] = AdaptiveDPO(args, num_rows, batch, forwards, history_decay=decay)
+    if MinorityFilter.enabled(args):
+        scores = methods["adaptive"].history if "adaptive" in methods else None
+        methods["minority_filter"] = MinorityFilter(args, num_rows, batch, forwards, scores_history=scores)
+    return methods
+
+
+__all__ = [
+    "ROBUSTNESS_METHODS",
+    "AdaptiveDPO",
+    "GlobalBatch",
+    "MinorityFilter",
+    "PairStep",
+    "PairTreatment",
+    "RobustnessMethod",
+    "build_methods",
+    "combine",
+    "report_kept_pairs",
+    "validate_config",
+]

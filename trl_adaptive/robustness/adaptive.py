@@ -1,0 +1,138 @@
+"""Adaptive-DPO (Zhang, Liu et al. 2025): the self-driven minority metric u, its weights W(u) and margins gamma(u).
+
+Exact mode (``annotator_interval=1``): every step, the current model and its EMA copies (the annotators) score each
+pair, u = std of their scaled logits + mean (docs/method.md). Amortised mode (``annotator_interval=N``): the
+annotators run every N steps; the steps between take each pair's mean u over its earlier scored visits (its
+`PairHistory`). The math is in `trl_adaptive.losses`; this class holds the state and the global-batch statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..distributed import make_annotators
+from ..history import PairHistory
+from ..losses import (
+    MARGIN_POWERS,
+    WEIGHT_FUNCTIONS,
+    adaptive_margin,
+    minority_score,
+    minority_weights,
+)
+from .base import PairStep, PairTreatment, RobustnessMethod
+
+METRIC_NORMALIZATIONS = ("none", "rms")
+#: Smallest RMS a metric normaliser may take: above float32 rounding of denoising errors (~1e-7), below the logits
+#: of a model that has started to move (~1e-5 and up).
+RMS_NORMALIZER_FLOOR = 1e-6
+
+
+class AdaptiveDPO(RobustnessMethod):
+    """Config: ``adaptive``, ``annotator_decays``, ``annotator_interval``, ``metric_rho``, ``metric_normalize``,
+    ``metric_warmup_steps``, ``weight_fn``, ``weight_scale``, ``weight_intercept``, ``margin``, ``margin_scale``."""
+
+    name = "adaptive"
+
+    @classmethod
+    def enabled(cls, args) -> bool:
+        return args.adaptive
+
+    @classmethod
+    def validate(cls, args) -> None:
+        for name, allowed in (("weight_fn", WEIGHT_FUNCTIONS), ("margin", MARGIN_POWERS),
+                              ("metric_normalize", METRIC_NORMALIZATIONS)):
+            if getattr(args, name) not in allowed:
+                raise ValueError(
+                    f"AdaptiveDPOConfig.{name}={getattr(args, name)!r} is not valid; allowed values: {sorted(allowed)}"
+                )
+        args.annotator_decays = [float(d) for d in (args.annotator_decays or [])]
+        for decay in args.annotator_decays:
+            if not 0.0 <= decay < 1.0:
+                raise ValueError(f"AdaptiveDPOConfig.annotator_decays entries must be in [0, 1), got {decay}")
+        if args.annotator_interval < 1:
+            raise ValueError(f"AdaptiveDPOConfig.annotator_interval must be >= 1, got {args.annotator_interval}")
+        if not args.metric_rho > 0:
+            raise ValueError(f"AdaptiveDPOConfig.metric_rho must be > 0, got {args.metric_rho}")
+        if args.metric_warmup_steps < 0:
+            raise ValueError(f"AdaptiveDPOConfig.metric_warmup_steps must be >= 0, got {args.metric_warmup_steps}")
+        if args.weight_intercept <= 0 and args.weight_fn in ("linear", "quadratic"):
+            raise ValueError("AdaptiveDPOConfig.weight_intercept must be > 0 for weight_fn 'linear'/'quadratic'")
+        if args.weight_scale < 0:
+            raise ValueError(f"AdaptiveDPOConfig.weight_scale must be >= 0, got {args.weight_scale}")
+
+    def __init__(self, args, num_rows, batch, forwards=None, history_decay: float = 0.0):
+        super().__init__(args, num_rows, batch, forwards)
+        self.annotators = None  # created in setup, once the ZeRO stage is known
+        # Each pair's mean u over its scored visits: the amortised steps' scores (and the minority filter's `score`
+        # evidence, which then sets `history_decay`).
+        self.history = PairHistory(num_rows, decay=history_decay) if num_rows else None
+
+    def setup(self, denoiser, accelerator) -> None:
+        if len(self.args.annotator_decays) > 0:
+            self.annotators = make_annotators(denoiser, self.args.annotator_decays, accelerator).to(accelerator.device)
+            self.forwards.register_annotators(self.annotators)
+
+    def active(self, global_step: int) -> bool:
+        return global_step >= self.args.metric_warmup_steps
+
+    def wants_annotators(self, global_step: int, training: bool) -> bool:
+        """Always in evaluation; every `annotator_interval` steps in training (after the metric's warm-up)."""
+        if self.annotators is None or not self.active(global_step):
+            return False
+        return not training or global_step % self.args.annotator_interval == 0
+
+    def scores(self, annotator_logits: torch.Tensor, rows: torch.Tensor, training: bool) -> torch.Tensor:
+        """The metric u per pair: exact from the annotators' logits (K, B), or (amortised steps, K = 1) the pairs'
+        means from the history. Training scores are recorded in the history."""
+        args = self.args
+        if annotator_logits.shape[0] == 1 and self.annotators is not None:  # amortised step between refreshes
+            return self.history.mean(rows).to(annotator_logits.device)
+        normalizers = None
+        if args.metric_normalize == "rms":
+            # Floored: while the annotators still equal the policy (step 0) every logit is float rounding (~1e-8), and
+            # dividing by its RMS would blow that noise up to an O(1), arbitrary score.
+            normalizers = self.batch.mean(annotator_logits.pow(2)).sqrt().clamp_min(RMS_NORMALIZER_FLOOR)
+        u = minority_score(annotator_logits, args.metric_rho, normalizers)
+        if training and self.history is not None:
+            self.history.record(self.batch.gather(rows), self.batch.gather(u))
+        return u
+
+    def treat(self, step: PairStep, metrics) -> PairTreatment | None:
+        if not self.active(step.global_step):
+            return None
+        args = self.args
+        u = self.scores(torch.stack([x.detach() for x in step.outputs["logits"]]), step.rows, step.training)
+        weights = minority_weights(u, args.weight_fn, args.weight_scale, args.weight_intercept)
+        mean_logit = self.batch.mean(step.logits) if args.margin != "none" else 0.0
+        margins = adaptive_margin(u, args.margin, mean_logit, args.effective_margin_scale)
+        step.outputs["minority_score"] = u.detach()
+        self._report(step, u, weights, margins, metrics)
+        return PairTreatment(weights, margins)
+
+    def _report(self, step: PairStep, u, weights, margins, metrics) -> None:
+        mode = step.mode
+        gathered = metrics.add_pair_means(
+            mode, {"minority/score_mean": u, "minority/weight_mean": weights, "minority/margin_mean": margins}
+        )
+        metrics.keep_for_histograms(mode, "minority/score", gathered["minority/score_mean"])
+        metrics.keep_for_histograms(mode, "minority/weight", gathered["minority/weight_mean"])
+        metrics.add(mode, "minority/weight_min", gathered["minority/weight_mean"].min().item())
+        # Synthetic-minority runs: how well u separates flipped pairs (minority/score_flipped, minority/score_clean).
+        metrics.add_group_means(mode, "minority/score", gathered["minority/score_mean"], step.inputs)
+
+    def on_optimizer_step(self, model) -> None:
+        if self.annotators is not None:
+            self.forwards.bound_annotators().update(model)
+
+    # The annotators are training state like the optimizer's moments: saved and restored beside them.
+    def save(self, folder: str, write: bool) -> None:
+        if self.annotators is not None:
+            self.forwards.bound_annotators().save(folder, write=write)  # sharded annotators gather (collective)
+        if write and self.history is not None:
+            self.history.save(folder)
+
+    def load(self, folder: str) -> None:
+        if self.annotators is not None:
+            self.forwards.bound_annotators().load(folder)
+        if self.history is not None:
+            self.history.load(folder)
