@@ -88,8 +88,12 @@ class Case:
 
 
 def meta_flops(folder: str, resolution: int | None) -> dict[str, float]:
-    """FLOPs of one UNet forward and one VAE encode per image and of the text encoders per prompt, counted on the
-    meta device (shapes only: no weights, no compute), at the model's native resolution unless given."""
+    """FLOPs of one denoiser forward and one VAE encode per image and of the text encoders per prompt, counted on the
+    meta device (shapes only: no weights, no compute), at the model's native resolution unless given. Flow-matching
+    folders (a `transformer`, SD3 / Flux) go to `flow_meta_flops`."""
+    with open(os.path.join(folder, "model_index.json")) as f:
+        if "transformer" in json.load(f):
+            return flow_meta_flops(folder, resolution)
     modules = random_pipeline(folder, "meta").components
     unet, vae = modules["unet"], modules["vae"]
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -112,6 +116,69 @@ def meta_flops(folder: str, resolution: int | None) -> dict[str, float]:
                 for n, m in modules.items() if n.startswith("text_encoder")
             ),
         }
+    counts["denoiser_forward"] = counts["unet_forward"]
+    return counts
+
+
+#: T5 tokens per prompt in training (the families' defaults: diffusers' SD3 and Flux scripts).
+FLOW_TEXT_TOKENS = {"StableDiffusion3Pipeline": 77, "FluxPipeline": 512}
+
+
+def flow_meta_flops(folder: str, resolution: int | None) -> dict[str, float]:
+    """`meta_flops` of an SD3 / Flux folder (configs only; tokenizers are not needed): the transformer on its image
+    tokens (SD3: 2x2 patches of the 16-channel latent; Flux: packed 2x2 patches) and its text tokens (77 CLIP + 77
+    T5 for SD3, 512 T5 for Flux), the VAE encode, and every text encoder on its tokens. Default 1024 px."""
+    import diffusers
+    import transformers
+
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    modules = {}
+    with torch.device("meta"):
+        for name, (library, class_name) in ((n, s) for n, s in index.items() if isinstance(s, list) and s[0]):
+            if "Tokenizer" in class_name or "Scheduler" in class_name:
+                continue
+            path = os.path.join(folder, name)
+            if library == "transformers":
+                cls = getattr(transformers, class_name)
+                modules[name] = cls._from_config(cls.config_class.from_pretrained(path))
+            else:
+                cls = getattr(diffusers, class_name)
+                modules[name] = cls.from_config(cls.load_config(path))
+    transformer, vae = modules["transformer"], modules["vae"]
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = resolution or 1024
+    side, meta = resolution // scale, dict(device="meta")
+    t5_tokens = FLOW_TEXT_TOKENS[index["_class_name"]]
+    config = transformer.config
+    with torch.no_grad():
+        if index["_class_name"] == "FluxPipeline":
+            tokens = (side // 2) ** 2
+            denoiser = count_flops(lambda: transformer(
+                hidden_states=torch.zeros(1, tokens, config.in_channels, **meta), timestep=torch.tensor([0.5], **meta),
+                guidance=torch.tensor([3.5], **meta) if config.guidance_embeds else None,
+                pooled_projections=torch.zeros(1, config.pooled_projection_dim, **meta),
+                encoder_hidden_states=torch.zeros(1, t5_tokens, config.joint_attention_dim, **meta),
+                txt_ids=torch.zeros(t5_tokens, 3, **meta), img_ids=torch.zeros(tokens, 3, **meta)))
+        else:
+            denoiser = count_flops(lambda: transformer(
+                hidden_states=torch.zeros(1, config.in_channels, side, side, **meta),
+                timestep=torch.tensor([500.0], **meta),
+                encoder_hidden_states=torch.zeros(1, 77 + t5_tokens, config.joint_attention_dim, **meta),
+                pooled_projections=torch.zeros(1, config.pooled_projection_dim, **meta)))
+        text = 0
+        for name, module in modules.items():
+            if name.startswith("text_encoder"):
+                length = t5_tokens if module.__class__.__name__.startswith("T5") else 77
+                text += count_flops(lambda m=module, n=length: m(torch.zeros(1, n, dtype=torch.long, **meta)))
+        counts = {
+            "resolution": resolution,
+            "denoiser_forward": denoiser,
+            "denoiser_parameters": sum(p.numel() for p in transformer.parameters()),
+            "vae_encode": count_flops(lambda: vae.encode(torch.zeros(1, 3, resolution, resolution, **meta))),
+            "text_encoders": text,
+        }
+    counts["unet_forward"] = counts["denoiser_forward"]
     return counts
 
 
@@ -119,9 +186,9 @@ def print_flop_arithmetic(folder: str, resolution: int | None, interval: int) ->
     """Expected per-pair FLOPs of every case from counted component FLOPs (backward = 2x forward for full
     fine-tuning, 1x with LoRA, where only activation gradients flow through the frozen weights)."""
     c = meta_flops(folder, resolution)
-    unet, vae, text = c["unet_forward"], c["vae_encode"], c["text_encoders"]
+    unet, vae, text = c["denoiser_forward"], c["vae_encode"], c["text_encoders"]
     print(f"FLOPs counted on the meta device for {folder} at {c['resolution']} px (FlopCounterMode):")
-    print(f"  UNet forward {unet / 1e12:.3f} TFLOP/image, VAE encode {vae / 1e12:.3f} TFLOP/image, "
+    print(f"  denoiser forward {unet / 1e12:.3f} TFLOP/image, VAE encode {vae / 1e12:.3f} TFLOP/image, "
           f"text encoder(s) {text / 1e12:.4f} TFLOP/prompt")
     print("| mode | (a) ref loop | (b) plain | (b+cache) | (c) exact | (c+cache) | (d+cache) | c/b | (c+cache)/(b+cache) "
           "| (d+cache)/(b+cache) | a/(b+cache) |")

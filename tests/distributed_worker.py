@@ -196,21 +196,22 @@ def _reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def check_zero3_from_folder(folder: str) -> dict:
+def check_zero3_from_folder(folder: str, family: str = "sdxl") -> dict:
     """ZeRO-3 with the model given as a folder (as a Hub id is): the pipeline is loaded after the ZeRO-3 config
     exists, which used to build the frozen text encoders under zero.Init (partitioned: the first step failed). Also
-    what a user's own `from_pretrained` after the config gives: a clear error, not a crash at the first step."""
-    from diffusers import StableDiffusionXLPipeline
-
+    what a user's own `from_pretrained` after the config gives: a clear error, not a crash at the first step.
+    `family`: "sdxl" (two CLIP encoders) or "flux" (CLIP and T5, a transformer denoiser)."""
     from trl_adaptive import AdaptiveDiffusionDPOTrainer
-    from trl_adaptive.tiny import tiny_sdxl_pipeline, toy_preference_dataset
-
     from trl_adaptive.distributed import zero3_init_disabled
+    from trl_adaptive.tiny import tiny_flux_pipeline, tiny_sdxl_pipeline, toy_preference_dataset
 
+    build = {"sdxl": tiny_sdxl_pipeline, "flux": tiny_flux_pipeline}[family]
     model_dir = os.path.join(folder, "model")
     with zero3_init_disabled():  # the earlier runs' ZeRO-3 config is still registered in this process
-        tiny_sdxl_pipeline(seed=0).save_pretrained(model_dir)
-    args = tiny_run_args(os.path.join(folder, "out"), 2, max_steps=2, deepspeed=_deepspeed_config(3))
+        pipeline_class = type(build(seed=0))
+        build(seed=0).save_pretrained(model_dir)
+    args = tiny_run_args(os.path.join(folder, "out"), 2, max_steps=2, deepspeed=_deepspeed_config(3),
+                         **({"max_sequence_length": 8} if family == "flux" else {}))
     pairs = toy_preference_dataset(num_pairs=4, size=40, seed=0)
     trainer = AdaptiveDiffusionDPOTrainer(model=model_dir, args=args, train_dataset=pairs)
     trainer.train()
@@ -226,7 +227,7 @@ def check_zero3_from_folder(folder: str) -> dict:
         "metrics": logged_metrics(trainer),
     }
     del trainer
-    own_pipeline = StableDiffusionXLPipeline.from_pretrained(model_dir)  # after the ZeRO-3 config: under zero.Init
+    own_pipeline = pipeline_class.from_pretrained(model_dir)  # after the ZeRO-3 config: under zero.Init
     try:
         AdaptiveDiffusionDPOTrainer(model=own_pipeline, args=args, train_dataset=pairs)
         entry["own_pipeline_error"] = None
@@ -289,6 +290,7 @@ def command_deepspeed(out: str) -> None:
             _reset_accelerate()
 
     report["zero3_from_folder"] = check_zero3_from_folder(os.path.join(out, "zero3_from_folder"))
+    report["zero3_flux_from_folder"] = check_zero3_from_folder(os.path.join(out, "zero3_flux_from_folder"), "flux")
     _reset_accelerate()
 
     # ZeRO-3 resume: 3 steps with a checkpoint after 2, then a fresh trainer resumes from that checkpoint and

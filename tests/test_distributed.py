@@ -124,9 +124,11 @@ def test_deepspeed_trains_and_saves(deepspeed_report, stage, kind):
     assert expected in entry["saved_files"]
 
 
-def test_zero3_from_a_folder_keeps_frozen_encoders_whole(deepspeed_report):
-    """Regression: a model given by folder/Hub id under ZeRO-3 crashed at the first step (partitioned encoders)."""
-    entry = deepspeed_report["zero3_from_folder"]
+@pytest.mark.parametrize("entry_name", ["zero3_from_folder", "zero3_flux_from_folder"])
+def test_zero3_from_a_folder_keeps_frozen_encoders_whole(deepspeed_report, entry_name):
+    """Regression: a model given by folder/Hub id under ZeRO-3 crashed at the first step (partitioned encoders).
+    For Flux: the T5 and CLIP encoders stay whole, the transformer, its reference and annotators are sharded."""
+    entry = deepspeed_report[entry_name]
     assert entry["zero_stage"] == 3
     assert entry["frozen_partitioned"] == 0 and entry["frozen_numel"] > 0  # text encoders and VAE whole
     assert entry["denoiser_partitioned"]  # the UNet is sharded, the reference and annotators with it

@@ -34,6 +34,7 @@ from typing import Callable
 from unittest import mock
 
 import pytest
+import yaml
 
 from tiny_setup import REPO_ROOT
 
@@ -149,7 +150,8 @@ def assign(commands: list[Command]) -> tuple[dict[str, Check], list[Command]]:
 # ---- running a command as a user would --------------------------------------------------------------------------
 
 #: What cannot be had offline, and the stand-in each test uses.
-HUB_MODELS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd", "stabilityai/stable-diffusion-xl-base-1.0": "sdxl"}
+HUB_MODELS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd", "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+              "stabilityai/stable-diffusion-3.5-medium": "sd3", "black-forest-labs/FLUX.1-dev": "flux"}
 DATASETS = ("yuvalkirstain/pickapic_v2", "kashif/pickascore", "/path/to/pickapic", "/data/pickapic_v2")
 #: Appended to the commands of the training entry points (transformers' parser: the last of a repeated flag wins).
 TRAIN_SIZE_FLAGS = [
@@ -262,11 +264,20 @@ def run_training_command(commands, fixtures, tmp_path):
         else:
             size = [*TRAIN_SIZE_FLAGS, "--output_dir", str(out)]
             if "--model_name_or_path" not in tokens:  # the YAML names a Hub id, or the command leaves it to "..."
-                size += ["--model_name_or_path", fixtures["sd"]]
+                size += ["--model_name_or_path", fixtures[HUB_MODELS.get(_config(tokens).get("model_name_or_path"), "sd")]]
+            if _config(tokens).get("cache_dir"):  # a relative folder of the YAML: kept out of the repository
+                size += ["--cache_dir", str(tmp_path / f"cache-{k}")]
             if "--dataset_name" not in tokens:
                 size += ["--dataset_name", fixtures["pairs"]]
         run(tokens + size, _environment(tmp_path, **env_extra))
         assert_saved_a_model(out)
+
+
+def _config(tokens: list[str]) -> dict:
+    """The YAML a command passes with --config ({} without one)."""
+    if "--config" not in tokens:
+        return {}
+    return yaml.safe_load((REPO_ROOT / tokens[tokens.index("--config") + 1]).read_text())
 
 
 def run_multi_node(commands, fixtures, tmp_path):
@@ -512,14 +523,22 @@ def fixtures(tmp_path_factory) -> dict[str, str]:
     DatasetDict with the splits the docs name."""
     from datasets import DatasetDict
 
-    from trl_adaptive.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline, toy_preference_dataset
+    from trl_adaptive.tiny import (
+        tiny_flux_pipeline,
+        tiny_sd3_pipeline,
+        tiny_sd_pipeline,
+        tiny_sdxl_pipeline,
+        toy_preference_dataset,
+    )
 
     root = tmp_path_factory.mktemp("stand-ins")
     tiny_sd_pipeline(seed=0).save_pretrained(root / "sd")
     tiny_sdxl_pipeline(seed=0).save_pretrained(root / "sdxl")
+    tiny_sd3_pipeline(seed=0).save_pretrained(root / "sd3")
+    tiny_flux_pipeline(seed=0).save_pretrained(root / "flux")
     pairs = toy_preference_dataset(num_pairs=4, size=32, seed=0)
     DatasetDict(train=pairs, validation=pairs).save_to_disk(str(root / "pairs"))
-    return {"sd": str(root / "sd"), "sdxl": str(root / "sdxl"), "pairs": str(root / "pairs")}
+    return {name: str(root / name) for name in ("sd", "sdxl", "sd3", "flux", "pairs")}
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,25 @@ from peft import LoraConfig
 
 from trl_adaptive.data import PreferenceCollator, detect_schema, prepare_preference_dataset
 from trl_adaptive.families import FAMILIES, family_for
-from trl_adaptive.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline, toy_preference_dataset
+from trl_adaptive.tiny import (
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+    toy_preference_dataset,
+)
 
 torch.set_flush_denormal(True)
 
 RESOLUTION = 32
-#: name -> (builder of a tiny pipeline, expected family class name, expected prediction type)
+#: name -> (builder of a tiny pipeline, expected family class name, expected prediction type; "flow": the velocity)
 FAMILY_CASES = {
     "sd-epsilon": (lambda: tiny_sd_pipeline(seed=0, prediction_type="epsilon"), "StableDiffusionFamily", "epsilon"),
     "sd-v": (lambda: tiny_sd_pipeline(seed=0, prediction_type="v_prediction"), "StableDiffusionFamily", "v_prediction"),
     "sdxl": (lambda: tiny_sdxl_pipeline(seed=0), "StableDiffusionXLFamily", "epsilon"),
+    "sd3": (lambda: tiny_sd3_pipeline(seed=0), "StableDiffusion3Family", "flow"),
+    "flux-dev": (lambda: tiny_flux_pipeline(seed=0, guidance_embeds=True), "FluxFamily", "flow"),
+    "flux-schnell": (lambda: tiny_flux_pipeline(seed=0, guidance_embeds=False), "FluxFamily", "flow"),
 }
 LORA = dict(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])  # alpha != r: scaling must survive
 
@@ -74,7 +83,8 @@ def test_encode_prompts_and_images_shapes(case):
     pixels = torch.rand(3, 3, RESOLUTION, RESOLUTION) * 2 - 1
     latents = family.encode_images(pixels)
     factor = family.pipeline.vae_scale_factor
-    assert latents.shape == (3, family.denoiser.config.in_channels, RESOLUTION // factor, RESOLUTION // factor)
+    channels = family.pipeline.vae.config.latent_channels
+    assert latents.shape == (3, channels, RESOLUTION // factor, RESOLUTION // factor)
     # A list of per-image generators makes the VAE sample a function of each image's own generator.
     make = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
     first = family.encode_images(pixels, generator=make([1, 2, 3]))
@@ -113,6 +123,8 @@ def test_prompt_shift_gives_each_pair_another_pairs_text_and_keeps_image_conditi
     family = family_for(build())
     own, shifted = family.condition(batch), family.condition(batch, prompt_shift=1)
     text_leaves = [("encoder_hidden_states",)]
+    if "pooled_projections" in own:  # SD3, Flux
+        text_leaves.append(("pooled_projections",))
     if "added_cond_kwargs" in own:
         text_leaves.append(("added_cond_kwargs", "text_embeds"))
         # SDXL's time ids describe each image, not its prompt: they stay with the image.
@@ -134,17 +146,23 @@ def test_sampled_timesteps_respect_min_noise_and_noise_level_is_their_fraction(c
     generator = torch.Generator().manual_seed(0)
     everywhere = family.sample_timesteps(4000, "cpu", generator=generator)
     noisy = family.sample_timesteps(4000, "cpu", generator=generator, min_noise=0.75)
-    assert family.noise_level(everywhere).min() < 0.05 and family.noise_level(everywhere).max() > 0.95
-    assert family.noise_level(noisy).min() >= 0.75 and family.noise_level(noisy).max() < 1.0
+    # Both ends of the schedule are reached (flow families draw from a logit-normal density: fewer draws at the ends).
+    assert family.noise_level(everywhere).min() < 0.2 and family.noise_level(everywhere).max() > 0.8
+    assert family.noise_level(noisy).min() >= 0.75 and family.noise_level(noisy).max() <= 1.0
 
 
 def test_target_follows_prediction_type(case):
     build, _, prediction_type = case
     family = family_for(build())
-    assert family.noise_scheduler.config.prediction_type == prediction_type
     latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     timesteps = torch.tensor([100, 900])
     target = family.target(latents, noise, timesteps)
+    if prediction_type == "flow":  # x_t = (1 - sigma) x0 + sigma eps, sigma = t / 1000; the velocity eps - x0
+        sigma = torch.tensor([0.1, 0.9]).view(-1, 1, 1, 1)
+        torch.testing.assert_close(family.add_noise(latents, noise, timesteps), (1 - sigma) * latents + sigma * noise)
+        torch.testing.assert_close(target, noise - latents)
+        return
+    assert family.noise_scheduler.config.prediction_type == prediction_type
     if prediction_type == "epsilon":
         torch.testing.assert_close(target, noise)
     else:  # v = sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x0
@@ -167,16 +185,16 @@ def test_lora_round_trip_through_the_family_pipeline(case, batch, tmp_path):
     latents, timesteps, conditioning = _forward_inputs(family, batch)
     with torch.no_grad():
         expected = family.predict(family.denoiser, latents, timesteps, conditioning)
-        loaded = family.predict(fresh.unet, latents, timesteps, conditioning)
-        base = family.predict(build().unet, latents, timesteps, conditioning)
+        loaded = family.predict(family_for(fresh).denoiser, latents, timesteps, conditioning)
+        base = family.predict(family_for(build()).denoiser, latents, timesteps, conditioning)
     assert not torch.allclose(expected, base, atol=1e-4)
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-4)
     # Resuming loads the same file back into the training denoiser's adapter.
-    other = build()
-    other.unet.add_adapter(LoraConfig(**LORA))
-    family_for(other).load_lora_into(other.unet, str(tmp_path))
+    other = family_for(build()).denoiser
+    other.add_adapter(LoraConfig(**LORA))
+    family.load_lora_into(other, str(tmp_path))
     with torch.no_grad():
-        torch.testing.assert_close(family.predict(other.unet, latents, timesteps, conditioning), expected)
+        torch.testing.assert_close(family.predict(other, latents, timesteps, conditioning), expected)
 
 
 def test_pipeline_round_trip_with_and_without_gathered_weights(case, tmp_path):
@@ -186,16 +204,16 @@ def test_pipeline_round_trip_with_and_without_gathered_weights(case, tmp_path):
     family.save_pipeline(str(tmp_path / "plain"))
     loaded = type(pipeline).from_pretrained(str(tmp_path / "plain"))
     assert type(loaded) is type(pipeline)
-    for name, value in pipeline.unet.state_dict().items():
-        torch.testing.assert_close(loaded.unet.state_dict()[name], value)
-    # A gathered state dict (DeepSpeed ZeRO-3) replaces the in-memory UNet's weights in the written folder.
-    gathered = {name: value + 1.0 for name, value in pipeline.unet.state_dict().items()}
+    for name, value in family.denoiser.state_dict().items():
+        torch.testing.assert_close(family_for(loaded).denoiser.state_dict()[name], value)
+    # A gathered state dict (DeepSpeed ZeRO-3) replaces the in-memory denoiser's weights in the written folder.
+    gathered = {name: value + 1.0 for name, value in family.denoiser.state_dict().items()}
     family.save_pipeline(str(tmp_path / "gathered"), denoiser_state_dict=gathered)
     reloaded = type(pipeline).from_pretrained(str(tmp_path / "gathered"))
     for name, value in gathered.items():
-        torch.testing.assert_close(reloaded.unet.state_dict()[name], value)
+        torch.testing.assert_close(family_for(reloaded).denoiser.state_dict()[name], value)
     # ... and resuming reads it back.
-    target = build().unet
+    target = family_for(build()).denoiser
     family.load_denoiser_into(target, str(tmp_path / "gathered"))
     for name, value in gathered.items():
         torch.testing.assert_close(target.state_dict()[name], value)

@@ -243,3 +243,14 @@ def test_metric_weights_and_margins_are_detached():
         -w * beta * sigmoid(-(beta * l - g)) for w, l, g in zip(weights.tolist(), logits.tolist(), margins.tolist())
     ]
     assert_close(logits.grad, expected)
+
+
+def test_max_margin_caps_the_push_of_pairs_ranked_beyond_it():
+    logits = torch.tensor([0.002, 0.01, -0.01], requires_grad=True)  # beta * l = 2, 10, -10 at beta 1000
+    per_pair = losses.preference_loss(logits, 1000.0, max_margin=5.0)
+    # -log sigmoid(min(z, 5)): 2 and -10 unchanged, 10 capped at 5.
+    expected = -torch.nn.functional.logsigmoid(torch.tensor([2.0, 5.0, -10.0]))
+    torch.testing.assert_close(per_pair, expected)
+    per_pair.sum().backward()
+    assert logits.grad[1] == 0  # beyond the cap: no further push
+    assert logits.grad[0] < 0 and logits.grad[2] < 0  # the others still pull l up

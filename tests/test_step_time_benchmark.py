@@ -55,3 +55,15 @@ def test_flop_arithmetic_of_real_architectures(step_time):
     sdxl = step_time.meta_flops(os.path.join(MODEL_CONFIGS, "sdxl"), None)
     assert sdxl["resolution"] == 1024
     assert sdxl["unet_forward"] / 1e12 == pytest.approx(6.76, rel=0.02)
+
+
+def test_flop_arithmetic_of_flow_matching_architectures(step_time):
+    """The SD3.5 medium and Flux.1-dev configs of benchmarks/model-configs, counted on the meta device."""
+    configs = os.path.join(ROOT, "benchmarks", "model-configs")
+    sd35 = step_time.meta_flops(os.path.join(configs, "sd35-medium"), None)
+    assert sd35["resolution"] == 1024 and sd35["denoiser_parameters"] / 1e9 == pytest.approx(2.24, rel=0.01)
+    assert sd35["denoiser_forward"] / 1e12 == pytest.approx(10.78, rel=0.01)
+    flux = step_time.meta_flops(os.path.join(configs, "flux1-dev"), 512)
+    assert flux["denoiser_parameters"] / 1e9 == pytest.approx(11.90, rel=0.01)  # "12 B"
+    assert flux["denoiser_forward"] / 1e12 == pytest.approx(21.50, rel=0.01)
+    assert flux["text_encoders"] > 10 * sd35["text_encoders"] / 2  # T5-XXL at 512 tokens dominates the text cost

@@ -331,7 +331,7 @@ def test_model_card_names_a_hub_base_model_in_metadata(tmp_path):
     assert "base_model: stable-diffusion-v1-5/stable-diffusion-v1-5" in card.split("---")[1]
     assert "full UNet" not in card and "LoRA (rank 8)" in card and "10 optimizer steps" in card
     card = build_model_card(args, str(tmp_path), None, "StableDiffusionPipeline", None, 10)
-    assert "base_model:" not in card.split("---")[1] and "full UNet fine-tune" in card
+    assert "base_model:" not in card.split("---")[1] and "full fine-tune of the UNet2DConditionModel" in card
 
 
 # ---- resume ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .families.flow_matching import TIMESTEP_DENSITIES
 from .losses import DEFAULT_MISRANKED_WEIGHT, PREFERENCE_LOSSES
 from .robustness import validate_config as validate_robustness_options
 
@@ -125,7 +126,56 @@ class AdaptiveDPOConfig(TrainingArguments):
         metadata={
             "help": "Folder or Hub id of a VAE that replaces the pipeline's (e.g. an fp16-safe SDXL VAE such as "
             "`madebyollin/sdxl-vae-fp16-fix`); a pipeline folder with a `vae/` subfolder also works. A VAE whose config "
-            "sets `force_upcast` (SDXL's) runs in float32 with SDXL, others in the training dtype."
+            "sets `force_upcast` (SDXL's) runs in float32 with SDXL, SD3 and Flux, others in the training dtype."
+        },
+    )
+    max_sequence_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "T5 tokens per prompt for SD3 and Flux. None: the family's training default (SD3: 77, diffusers' "
+            "SD3 scripts; Flux: 512, diffusers' Flux scripts; schnell was trained with 256)."
+        },
+    )
+    # ---- Flow-matching models (SD3 / SD3.5, Flux.1; docs/method.md, "Flow-matching models") ---------------
+    timestep_density: str = field(
+        default="logit_normal",
+        metadata={
+            "help": "Density of each pair's noise level sigma over the schedule: `logit_normal` (sigmoid of a "
+            "normal(logit_mean, logit_std); diffusers' SD3 scripts, flow_grpo's SD3.5 DPO), `mode` (SD3 paper's mode "
+            "sampling with mode_scale) or `uniform` (diffusers' Flux LoRA script). Flow-matching families only."
+        },
+    )
+    logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit-normal density (diffusers: 0)."})
+    logit_std: float = field(default=1.0, metadata={"help": "Standard deviation of the logit-normal density (diffusers: 1)."})
+    mode_scale: float = field(default=1.29, metadata={"help": "Scale of the `mode` density (diffusers: 1.29)."})
+    flow_shift: float | None = field(
+        default=None,
+        metadata={
+            "help": "Static time shift s' = shift s / (1 + (shift - 1) s) of the training sigmas. None: the scheduler's "
+            "own (SD3's config ships 3.0; Flux's shifts only at inference, so training sees no shift, as in "
+            "diffusers' Flux script)."
+        },
+    )
+    flow_resolution_shift: bool = field(
+        default=False,
+        metadata={
+            "help": "Shift the training sigmas by the resolution-dependent shift the scheduler applies at inference "
+            "(Flux's dynamic shifting: exp(mu) with mu linear in the image token count at `resolution`)."
+        },
+    )
+    flow_guidance_scale: float = field(
+        default=3.5,
+        metadata={
+            "help": "Guidance value fed to a guidance-distilled transformer (Flux.1-dev's guidance embedding) in every "
+            "training forward. Default 3.5, diffusers' Flux training scripts. Ignored by models without the embedding."
+        },
+    )
+    max_margin: float | None = field(
+        default=None,
+        metadata={
+            "help": "Cap on z = beta * l - gamma inside the loss: a pair already ranked beyond it gets no further "
+            "push (zero gradient), which stops runaway margins (reported with flow-matching DPO; SimpleTuner caps "
+            "the positive margin the same way). None: no cap. Watch rewards/margins_abs (docs/method.md)."
         },
     )
     # ---- Minority filter (this library's variant, not in the Adaptive-DPO paper; see docs/method.md) -----------
@@ -346,6 +396,13 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError(
                 f"AdaptiveDPOConfig.misranked_weight applies to loss_type 'capped_sigmoid' only, not {self.loss_type!r}"
             )
+        check_choice("timestep_density", TIMESTEP_DENSITIES)
+        require("logit_std", self.logit_std > 0, "> 0")
+        require("flow_shift", self.flow_shift is None or self.flow_shift > 0, "None or > 0")
+        if self.flow_shift is not None and self.flow_resolution_shift:
+            raise ValueError("AdaptiveDPOConfig.flow_shift and flow_resolution_shift are two ways to shift: set one")
+        require("max_sequence_length", self.max_sequence_length is None or self.max_sequence_length >= 1, "None or >= 1")
+        require("max_margin", self.max_margin is None or self.max_margin > 0, "None or > 0")
         require("resolution", self.resolution > 0 and self.resolution % 8 == 0, "a positive multiple of 8")
         require("empty_prompt_probability", 0.0 <= self.empty_prompt_probability <= 1.0, "in [0, 1]")
         require("sample_steps", self.sample_steps >= 1, ">= 1")

@@ -217,8 +217,10 @@ def preference_loss(
     weights: torch.Tensor | None = None,
     margins: torch.Tensor | None = None,
     misranked_weight: float | None = None,
+    max_margin: float | None = None,
 ) -> torch.Tensor:
-    """Per-pair loss ``W * loss_type(beta * l - gamma)``; plain Diffusion-DPO when weights and margins are None.
+    """Per-pair loss ``W * loss_type(min(beta * l - gamma, max_margin))``; plain Diffusion-DPO when weights and
+    margins are None. ``max_margin`` caps the margin a pair is pushed to: beyond it the pair gets no gradient.
 
     Returns the unreduced ``(B,)`` losses: the caller takes the mean *outside* the loss (a known bug of some
     implementations is ``logsigmoid(mean(...))``).
@@ -226,6 +228,8 @@ def preference_loss(
     z = beta * logits
     if margins is not None:
         z = z - margins
+    if max_margin is not None:
+        z = z.clamp(max=max_margin)
     if misranked_weight is None:
         misranked_weight = DEFAULT_MISRANKED_WEIGHT
     losses = PREFERENCE_LOSSES[loss_type](z, beta, label_smoothing, misranked_weight)

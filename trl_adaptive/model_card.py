@@ -63,9 +63,10 @@ def build_model_card(
     global_step: int,
     dataset_info: dict | None = None,
     tags: tuple[str, ...] = (),
+    denoiser_class: str = "UNet2DConditionModel",
 ) -> str:
     method = "Adaptive-DPO (minority-aware Diffusion-DPO)" if args.adaptive else "Diffusion-DPO"
-    weights = f"LoRA (rank {lora_rank})" if lora_rank else "full UNet fine-tune"
+    weights = f"LoRA (rank {lora_rank}) on the {denoiser_class}" if lora_rank else f"full fine-tune of the {denoiser_class}"
     loading = (
         f"pipe = {pipeline_class}.from_pretrained({base_model!r})\npipe.load_lora_weights(\"<this repo or folder>\")"
         if lora_rank

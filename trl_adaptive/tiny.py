@@ -112,11 +112,13 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", resolution
     )
 
 
-def tiny_vae(resolution: int = 32, scaling_factor: float = 0.18215, force_upcast: bool = True):
+def tiny_vae(resolution: int = 32, scaling_factor: float = 0.18215, force_upcast: bool = True,
+             shift_factor: float | None = None):
     """A randomly initialised AutoencoderKL that downsamples by 4 (`resolution` 32 gives 8x8x4 latents)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
+        shift_factor=shift_factor,
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
@@ -174,6 +176,81 @@ def tiny_sdxl_pipeline(seed: int = 0, resolution: int = 32, prediction_type: str
         tokenizer_2=tiny_clip_tokenizer(),
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
+    )
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512):
+    """An offline T5 tokenizer: a unigram vocabulary of single characters (plus T5's special tokens)."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(chr(c), -2.0) for c in range(ord("a"), ord("z") + 1)]
+    pieces += [(c, -3.0) for c in "0123456789.,!?'-"]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_t5_encoder(d_model: int = 32, vocab_size: int = 64, seed: int = 0):
+    """A one-layer T5 encoder (the T5-XXL of SD3 and Flux at toy size)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // 2, d_ff=2 * d_model, num_layers=1,
+                      num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    return T5EncoderModel(config).eval()  # as from_pretrained returns it
+
+
+def tiny_sd3_pipeline(seed: int = 0, resolution: int = 32):
+    """A randomly initialised StableDiffusion3Pipeline with SD3's structure at toy size.
+
+    Two projected CLIP encoders (32-d hidden states, 32-d projections: 64-d pooled), a 64-d T5 (the CLIP states,
+    64-d side by side, are padded to T5's width as in SD3), a one-block MMDiT on 8x8x4 latents, SD3's VAE shift
+    and scale, and SD3's flow-matching scheduler (shift 3).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=resolution // 4, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=2 * resolution // 4,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=tiny_vae(resolution, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=tiny_text_encoder(seed=seed, projection_dim=32),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_text_encoder(seed=seed + 1, projection_dim=32),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(d_model=64, seed=seed + 2),
+        tokenizer_3=tiny_t5_tokenizer(),
+    )
+
+
+def tiny_flux_pipeline(seed: int = 0, resolution: int = 32, guidance_embeds: bool = True):
+    """A randomly initialised FluxPipeline with Flux.1's structure at toy size: CLIP (32-d pooled) and a 32-d T5,
+    a transformer with one double- and one single-stream block on 2x2-packed 8x8x4 latents (16 tokens of 16
+    channels), 3-axis rotary ids, the guidance embedding of Flux.1-dev (`guidance_embeds`), Flux's VAE shift and
+    scale, and its scheduler (dynamic shifting at inference)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_vae(resolution, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=tiny_text_encoder(seed=seed),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_t5_encoder(d_model=32, seed=seed + 1),
+        tokenizer_2=tiny_t5_tokenizer(),
+        transformer=transformer,
     )
 
 

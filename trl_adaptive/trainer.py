@@ -222,7 +222,8 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
         pairs = PairStep(out, inputs, step, model.training, policy=self.model, with_annotators=with_annotators)
         treatment = combine(method.treat(pairs, self.metrics) for method in self.robustness.values())
         losses = preference_loss(out["logits"][0], self.args.beta, self.args.loss_type, self.args.label_smoothing,
-                                 treatment.weights, treatment.margins, misranked_weight=self.args.misranked_weight)
+                                 treatment.weights, treatment.margins, misranked_weight=self.args.misranked_weight,
+                                 max_margin=self.args.max_margin)
         loss = losses.mean()
         return (loss, out) if return_outputs else loss
 
@@ -304,6 +305,7 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
             global_step=self.state.global_step,
             dataset_info=self.dataset_info,
             tags=self._tag_names,
+            denoiser_class=type(self.family.denoiser).__name__,
         )
         Path(folder, "README.md").write_text(card)
 

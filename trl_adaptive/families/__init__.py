@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from .base import DiffusionFamily
+from .flux import FluxFamily
+from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 from .stable_diffusion import StableDiffusionFamily
 
 #: Registered families, most specific first (a subclass pipeline must match its own family before its parent's).
-FAMILIES: list[type[DiffusionFamily]] = [StableDiffusionXLFamily, StableDiffusionFamily]
+FAMILIES: list[type[DiffusionFamily]] = [FluxFamily, StableDiffusion3Family, StableDiffusionXLFamily, StableDiffusionFamily]
 
 
 def register_family(family: type[DiffusionFamily]) -> type[DiffusionFamily]:
@@ -54,4 +56,4 @@ def load_pipeline(model_name_or_path: str, **kwargs):
         return DiffusionPipeline.from_pretrained(model_name_or_path, **kwargs)
 
 
-__all__ = ["DiffusionFamily", "StableDiffusionFamily", "StableDiffusionXLFamily", "FAMILIES", "family_for", "load_pipeline", "register_family", "replace_vae"]
+__all__ = ["DiffusionFamily", "FluxFamily", "StableDiffusion3Family", "StableDiffusionFamily", "StableDiffusionXLFamily", "FAMILIES", "family_for", "load_pipeline", "register_family", "replace_vae"]
