@@ -271,6 +271,13 @@ def run_training_command(commands, fixtures, tmp_path):
                 size += ["--dataset_name", fixtures["pairs"]]
         run(tokens + size, _environment(tmp_path, **env_extra))
         assert_saved_a_model(out)
+        family = HUB_MODELS.get(_config(tokens).get("model_name_or_path"))
+        if family in ("sd3", "flux"):  # what the user does next: load the LoRA into the family's pipeline
+            from diffusers import DiffusionPipeline
+
+            pipeline = DiffusionPipeline.from_pretrained(fixtures[family])
+            pipeline.load_lora_weights(str(out))
+            assert any("lora" in name for name, _ in pipeline.transformer.named_parameters())
 
 
 def _config(tokens: list[str]) -> dict:
