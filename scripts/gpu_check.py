@@ -1,4 +1,4 @@
-"""GPU check: bf16 training steps of real SD 1.5 and SDXL architectures through AdaptiveDiffusionDPOTrainer.
+"""GPU check: bf16 training steps of real SD 1.5, SDXL, SD3.5 and Flux.1 architectures through AdaptiveDiffusionDPOTrainer.
 
     python scripts/gpu_check.py ../shared/model-configs            # one H100: about 5-8 minutes in all
     python scripts/gpu_check.py --tiny                              # CPU smoke test with tiny models (~1 minute)
@@ -14,6 +14,10 @@ Cases, each with Adaptive-DPO off (plain Diffusion-DPO) and on (two EMA annotato
   sdxl-full-zero2               SDXL at 1024 px, full UNet under DeepSpeed ZeRO-2 (bf16 weights, fp32 master copy in
                                 the optimizer) with gradient checkpointing; Adafactor as in the original SDXL
                                 Diffusion-DPO recipe (`--sdxl-full-optim adamw_torch` for AdamW)
+  sd35-lora, flux-lora          SD3.5 medium and Flux.1-dev at 1024 px, LoRA rank 8, gradient checkpointing, from the
+                                configs in benchmarks/model-configs (`--sd35`, `--flux`); their tokenizers are the
+                                offline stand-ins (same sequence lengths). Not yet run on a GPU; select them with
+                                `--cases sd35-lora flux-lora` (the time budget may skip them after the SD cases).
 Each case trains `--warmup` steps, then times `--steps` more (the median is reported). Printed per case: step time,
 pairs/s, peak GPU memory (torch.cuda.max_memory_allocated from the start of training: DeepSpeed's set-up included,
 building the random-weight pipeline beforehand not) and model FLOP
@@ -37,18 +41,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 #: Dense bf16 peak TFLOP/s by card name (vendor datasheets, without sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
-#: Reference UNet forward cost per image (issue 5, FlopCounterMode on the real configs), printed for cross-checking.
-REFERENCE_UNET_TFLOP = {"sd15": 0.80, "sdxl": 6.76}
+#: Reference denoiser forward cost per image (FlopCounterMode on the real configs: issue 5 for the UNets,
+#: benchmarks/step_time.py --flops-only for SD3.5 medium and Flux.1-dev at 1024 px), printed for cross-checking.
+REFERENCE_UNET_TFLOP = {"sd15": 0.80, "sdxl": 6.76, "sd35": 10.78, "flux": 74.38}
+#: Training resolution of each model's cases.
+RESOLUTIONS = {"sd15": 512, "sdxl": 1024, "sd35": 1024, "flux": 1024}
+#: Text tokens the flow-matching transformers see in training (CLIP 77 + T5 77 for SD3; T5 512 for Flux).
+FLOW_TEXT_TOKENS = {"sd35": 154, "flux": 512}
 
 
 @dataclass
 class Case:
     name: str
-    model: str  # "sd15" or "sdxl"
+    model: str  # "sd15", "sdxl", "sd35" or "flux"
     lora: bool
     zero2: bool = False
     checkpointing: bool = False
@@ -59,6 +69,8 @@ CASES = [
     Case("sd15-full", "sd15", lora=False),
     Case("sdxl-lora", "sdxl", lora=True),
     Case("sdxl-full-zero2", "sdxl", lora=False, zero2=True, checkpointing=True),
+    Case("sd35-lora", "sd35", lora=True, checkpointing=True),
+    Case("flux-lora", "flux", lora=True, checkpointing=True),
 ]
 
 
@@ -66,16 +78,20 @@ CASES = [
 
 
 def build_tiny(model: str):
-    from trl_adaptive.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+    from trl_adaptive import tiny
 
-    return tiny_sd_pipeline(seed=0) if model == "sd15" else tiny_sdxl_pipeline(seed=0)
+    builders = {"sd15": tiny.tiny_sd_pipeline, "sdxl": tiny.tiny_sdxl_pipeline, "sd35": tiny.tiny_sd3_pipeline,
+                "flux": tiny.tiny_flux_pipeline}
+    return builders[model](seed=0)
 
 
 def unet_forward_tflop(pipeline, resolution: int, device, dtype) -> float:
-    """FLOPs of one UNet forward on one image at `resolution`, counted by FlopCounterMode."""
+    """FLOPs of one denoiser forward on one image at `resolution`, counted by FlopCounterMode."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    if getattr(pipeline, "transformer", None) is not None:
+        return _transformer_forward_tflop(pipeline, resolution, device, dtype)
     unet = pipeline.unet
     side = resolution // pipeline.vae_scale_factor
     kwargs = {"encoder_hidden_states": torch.randn(1, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)}
@@ -90,6 +106,28 @@ def unet_forward_tflop(pipeline, resolution: int, device, dtype) -> float:
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         unet(sample, torch.tensor([500], device=device), **kwargs)
+    return counter.get_total_flops() / 1e12
+
+
+def _transformer_forward_tflop(pipeline, resolution: int, device, dtype) -> float:
+    """SD3 / Flux: one transformer forward through the family's own call (packing, ids, guidance), on zero text
+    states of the training length."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trl_adaptive.families import family_for
+
+    family = family_for(pipeline)
+    config = pipeline.transformer.config
+    tokens = FLOW_TEXT_TOKENS["flux" if type(pipeline).__name__ == "FluxPipeline" else "sd35"]
+    conditioning = {"encoder_hidden_states": torch.zeros(1, tokens, config.joint_attention_dim, device=device, dtype=dtype),
+                    "pooled_projections": torch.zeros(1, config.pooled_projection_dim, device=device, dtype=dtype)}
+    side = resolution // pipeline.vae_scale_factor
+    latents = torch.zeros(1, pipeline.vae.config.latent_channels, side, side, device=device, dtype=dtype)
+    pipeline.transformer.to(device=device, dtype=dtype)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        family.predict(pipeline.transformer, latents, torch.tensor([500.0], device=device), conditioning)
     return counter.get_total_flops() / 1e12
 
 
@@ -123,8 +161,8 @@ def run_case(case: Case, adaptive: bool, opts, pipeline_factory, forward_tflop: 
     from trl_adaptive.tiny import toy_preference_dataset
 
     cuda = torch.cuda.is_available() and not opts.tiny
-    resolution = opts.tiny_resolution if opts.tiny else (512 if case.model == "sd15" else 1024)
-    batch = {"sd15": opts.sd15_batch, "sdxl": opts.sdxl_batch}[case.model]
+    resolution = opts.tiny_resolution if opts.tiny else RESOLUTIONS[case.model]
+    batch = {"sd15": opts.sd15_batch, "sdxl": opts.sdxl_batch, "sd35": opts.flow_batch, "flux": opts.flow_batch}[case.model]
     if case.zero2:
         batch = opts.sdxl_full_batch
     total_steps = opts.warmup + opts.steps
@@ -246,6 +284,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sdxl-batch", type=int, default=1, help="pairs per step, SDXL LoRA")
     parser.add_argument("--sdxl-full-batch", type=int, default=1, help="pairs per step, SDXL full fine-tune")
     parser.add_argument("--sdxl-full-optim", default="adafactor", help="optimizer of the SDXL full case (Trainer name)")
+    parser.add_argument("--sd35", default=str(REPO / "benchmarks" / "model-configs" / "sd35-medium"),
+                        help="SD3.5-architecture folder (default: the configs shipped in benchmarks/model-configs)")
+    parser.add_argument("--flux", default=str(REPO / "benchmarks" / "model-configs" / "flux1-dev"),
+                        help="Flux.1-architecture folder (default: the configs shipped in benchmarks/model-configs)")
+    parser.add_argument("--flow-batch", type=int, default=1, help="pairs per step, SD3.5 and Flux LoRA")
     parser.add_argument("--tiny-resolution", type=int, default=32)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card (default: by name)")
     parser.add_argument("--time-budget-min", type=float, default=8.0, help="skip cases that would start after this")
@@ -275,6 +318,8 @@ def main(argv=None) -> int:
     folders = {
         "sd15": opts.sd15 or (opts.model_configs and os.path.join(opts.model_configs, "sd15")),
         "sdxl": opts.sdxl or (opts.model_configs and os.path.join(opts.model_configs, "sdxl")),
+        "sd35": opts.sd35,
+        "flux": opts.flux,
     }
 
     def pipeline_factory(model: str):
@@ -284,15 +329,15 @@ def main(argv=None) -> int:
     forward_tflop = {}
     for model in sorted({c.model for c in cases}):
         pipeline = pipeline_factory(model)
-        resolution = opts.tiny_resolution if opts.tiny else (512 if model == "sd15" else 1024)
+        resolution = opts.tiny_resolution if opts.tiny else RESOLUTIONS[model]
         forward_tflop[model] = unet_forward_tflop(pipeline, resolution, device, torch.bfloat16 if cuda else torch.float32)
         del pipeline
 
     card = torch.cuda.get_device_name() if cuda else "CPU (tiny smoke test)"
     print(f"# trl-adaptive GPU check: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     for model, tflop in forward_tflop.items():
-        reference = "" if opts.tiny else f" (issue-5 reference {REFERENCE_UNET_TFLOP[model]:.2f})"
-        print(f"# {model} UNet forward, one image: {tflop:.4g} TFLOP measured with FlopCounterMode{reference}")
+        reference = "" if opts.tiny else f" (reference {REFERENCE_UNET_TFLOP[model]:.2f})"
+        print(f"# {model} denoiser forward, one image: {tflop:.4g} TFLOP measured with FlopCounterMode{reference}")
     print(f"# peak bf16 TFLOP/s used for MFU: {opts.peak_tflops or 'n/a'}; median of {opts.steps} steps after {opts.warmup}")
     print("| case | adaptive | pairs/step | step s (median) | pairs/s | peak GiB | UNet TFLOP/step | MFU |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)

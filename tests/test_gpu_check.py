@@ -26,12 +26,12 @@ def test_gpu_check_tiny_runs_every_case(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     cases = {(r["case"], r["adaptive"]) for r in report["results"]}
-    expected = {"sd15-lora", "sd15-full", "sdxl-lora", "sdxl-full-zero2"}
+    expected = {"sd15-lora", "sd15-full", "sdxl-lora", "sdxl-full-zero2", "sd35-lora", "flux-lora"}
     assert cases == {(name, adaptive) for name in expected for adaptive in (False, True)}
     for row in report["results"]:
         assert row["timed_steps"] == 2 and row["step_s"] > 0 and row["pairs_per_s"] > 0
     # The printed table has one row per case.
-    assert sum(line.startswith("| sd") for line in result.stdout.splitlines()) == 8
+    assert sum(line.startswith(("| sd", "| flux")) for line in result.stdout.splitlines()) == 12
 
 
 @pytest.mark.skipif(not MODEL_CONFIGS.is_dir(), reason="real model configs not beside the checkout")
@@ -50,3 +50,19 @@ def test_gpu_check_builds_real_architectures_and_counts_their_flops(model, resol
     assert round(sum(p.numel() for p in pipeline.unet.parameters()) / 1e6) == params_m
     assert pipeline.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert unet_forward_tflop(pipeline, resolution, "meta", torch.bfloat16) == pytest.approx(tflop, rel=0.01)
+
+
+@pytest.mark.parametrize("model, params_m, tflop", [("sd35-medium", 2243, 10.78), ("flux1-dev", 11901, 74.38)])
+def test_gpu_check_builds_the_flow_matching_architectures(model, params_m, tflop):
+    """The SD3.5 / Flux configs shipped in benchmarks/model-configs, built on the meta device with stand-in
+    tokenizers: parameter count, and the transformer forward counted through the family's own call."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from gpu_check import unet_forward_tflop
+
+    from trl_adaptive.tiny import random_pipeline
+
+    pipeline = random_pipeline(str(REPO / "benchmarks" / "model-configs" / model), "meta")
+    assert round(sum(p.numel() for p in pipeline.transformer.parameters()) / 1e6) == params_m
+    assert unet_forward_tflop(pipeline, 1024, "meta", torch.bfloat16) == pytest.approx(tflop, rel=0.01)

@@ -295,10 +295,17 @@ def toy_preference_dataset(num_pairs: int = 32, size: int = 32, seed: int = 0, s
     return Dataset.from_list(rows)
 
 
+def _stand_in_tokenizer(class_name: str):
+    """An offline tokenizer for a folder that ships none: CLIP's character-level one at 77 tokens, or the T5 one."""
+    return tiny_t5_tokenizer() if class_name.startswith("T5") else tiny_clip_tokenizer(model_max_length=77)
+
+
 def random_pipeline(folder: str, device="cpu", seed: int | None = None):
     """A pipeline with the architecture of `folder` (a diffusers model folder holding configs and tokenizer files but
     no weights, such as `../shared/model-configs/sd15`) and random weights, built directly on `device` (`"meta"`
-    builds shapes only, for counting parameters and FLOPs). Tokenizers and schedulers are read from their files."""
+    builds shapes only, for counting parameters and FLOPs). Tokenizers and schedulers are read from their files; a
+    tokenizer whose folder is missing (the SD3.5 / Flux configs in benchmarks/model-configs) is replaced by the
+    offline stand-in: other token ids, the same sequence lengths, which is all that timing and memory depend on."""
     import diffusers
 
     with open(os.path.join(folder, "model_index.json")) as f:
@@ -318,7 +325,9 @@ def random_pipeline(folder: str, device="cpu", seed: int | None = None):
             continue
         cls = getattr(importlib.import_module(library), class_name)
         path = os.path.join(folder, name)
-        if "Tokenizer" in class_name or "Scheduler" in class_name:
+        if "Tokenizer" in class_name and not os.path.isdir(path):
+            components[name] = _stand_in_tokenizer(class_name)
+        elif "Tokenizer" in class_name or "Scheduler" in class_name:
             components[name] = cls.from_pretrained(path)
         else:
             with torch.device(device):
