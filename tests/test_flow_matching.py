@@ -187,3 +187,59 @@ def test_bf16_lora_steps_with_gradient_checkpointing(name, toy_pairs, tmp_path):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert trainer.family.denoiser.is_gradient_checkpointing
     assert trainer.family.pipeline.text_encoder.dtype == torch.bfloat16  # frozen encoders in the training dtype
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_flux_yaml_through_the_cli_resumes_exactly(tmp_path):
+    """`trl-adaptive train --config examples/configs/flux_lora.yaml`, the model swapped for a tiny Flux folder: a run
+    stopped at its step-2 checkpoint and resumed with `--resume_from_checkpoint latest` saves the same LoRA as an
+    uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    from datasets import DatasetDict
+    from safetensors.torch import load_file
+
+    from tiny_setup import REPO_ROOT
+    from trl_adaptive.tiny import toy_preference_dataset
+
+    tiny_flux_pipeline(seed=0).save_pretrained(tmp_path / "flux")
+    pairs = toy_preference_dataset(num_pairs=8, size=32, seed=0)
+    DatasetDict(validation=pairs).save_to_disk(str(tmp_path / "pairs"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+
+    def train(out, *flags):
+        command = [os.path.join(os.path.dirname(sys.executable), "trl-adaptive"), "train", "--config",
+                   "examples/configs/flux_lora.yaml", "--model_name_or_path", str(tmp_path / "flux"),
+                   "--dataset_name", str(tmp_path / "pairs"), "--output_dir", str(out), "--cache_dir",
+                   str(tmp_path / "cache"), "--resolution", "32", "--per_device_train_batch_size", "2",
+                   "--gradient_accumulation_steps", "1", "--bf16", "false", "--dataloader_num_workers", "0",
+                   "--max_sequence_length", "8", "--save_steps", "2", "--report_to", "none", "--disable_tqdm",
+                   "true", *flags]
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    import shutil
+
+    from safetensors.torch import save_file
+
+    train(tmp_path / "whole", "--max_steps", "4")
+    train(tmp_path / "stopped", "--max_steps", "2")
+    assert (tmp_path / "stopped" / "checkpoint-2" / "annotators.safetensors").is_file()
+    # A copy whose checkpoint LoRA is changed: resuming from it must give another result (the run reads it).
+    shutil.copytree(tmp_path / "stopped", tmp_path / "changed")
+    lora_file = str(tmp_path / "changed" / "checkpoint-2" / "pytorch_lora_weights.safetensors")
+    save_file({k: v + 0.01 for k, v in load_file(lora_file).items()}, lora_file)
+    train(tmp_path / "stopped", "--max_steps", "4", "--resume_from_checkpoint", "latest")
+    train(tmp_path / "changed", "--max_steps", "4", "--resume_from_checkpoint", "latest")
+    whole = load_file(str(tmp_path / "whole" / "pytorch_lora_weights.safetensors"))
+    resumed = load_file(str(tmp_path / "stopped" / "pytorch_lora_weights.safetensors"))
+    assert whole.keys() == resumed.keys() and whole
+    for key, value in whole.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
+    changed = load_file(str(tmp_path / "changed" / "pytorch_lora_weights.safetensors"))
+    assert any(not torch.equal(changed[k], whole[k]) for k in whole)
