@@ -207,7 +207,7 @@ class _Metrics:
     def keep_for_histograms(self, mode, name, gathered):
         pass
 
-    def add_group_means(self, mode, name, values, inputs):
+    def add_group_means(self, mode, values, inputs, flipped_name, clean_name):
         pass
 
 
@@ -249,9 +249,10 @@ def test_two_processes_treat_pairs_as_one(case):
     torch.manual_seed(0)
     single = _run(_methods(CASES[case], _LocalAccelerator()), _policy(), range(STEPS))
     group, halves = _ThreadGroup(2), [None, None]
+    models = [_policy(), _policy()]  # built here: torch.manual_seed in two threads at once would race
 
     def process(rank):
-        model = _policy()
+        model = models[rank]
         halves[rank] = _run(_methods(CASES[case], _ThreadAccelerator(group, rank), model), model, range(STEPS), rank, 2)
 
     threads = [threading.Thread(target=process, args=(rank,), daemon=True) for rank in range(2)]
