@@ -35,9 +35,8 @@ class DeprecatedTrainerAttributes:
 
     def pair_forward(self, model, inputs, draw: int = 0, min_noise: float = 0.0):
         _moved("pair_forward", "forwards.pair_forward")
-        step = self.state.global_step
-        with_annotators = any(m.wants_annotators(step, model.training) for m in self.robustness.values())
-        return self.forwards.pair_forward(model, inputs, step, with_annotators, draw=draw, min_noise=min_noise)
+        return self.forwards.pair_forward(model, inputs, self.state.global_step, self.annotators_due(model.training),
+                                          draw=draw, min_noise=min_noise)
 
     def unwrapped(self, model):
         _moved("unwrapped", "forwards.unwrapped")

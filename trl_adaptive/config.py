@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from transformers import TrainingArguments
 
+from . import _checks
 from .families.flow_matching import TIMESTEP_DENSITIES
 from .losses import DEFAULT_MISRANKED_WEIGHT, PREFERENCE_LOSSES
 from .robustness import validate_config as validate_robustness_options
@@ -364,14 +366,7 @@ class AdaptiveDPOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        def check_choice(name, allowed):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"AdaptiveDPOConfig.{name}={value!r} is not valid; allowed values: {sorted(allowed)}")
-
-        def require(name, ok, requirement):
-            if not ok:
-                raise ValueError(f"AdaptiveDPOConfig.{name} must be {requirement}, got {getattr(self, name)}")
+        check_choice, require = partial(_checks.check_choice, self), partial(_checks.require, self)
 
         check_choice("loss_type", PREFERENCE_LOSSES)
         # Adaptive-DPO's and the minority filter's fields are checked by those methods (trl_adaptive.robustness).

@@ -44,16 +44,16 @@ class TrainingMetrics:
         if self.keep_pair_statistics and mode == "train":
             self.last_pair_statistics[name] = gathered.cpu()
 
-    def add_group_means(self, mode: str, name: str, values: torch.Tensor, inputs) -> None:
-        """On data with a ``flipped`` column (benchmarks): `name`_flipped / `name`_clean, means of the gathered
-        per-pair `values` over the flipped and over the clean pairs of the global batch."""
+    def add_group_means(self, mode: str, values: torch.Tensor, inputs, flipped_name: str, clean_name: str) -> None:
+        """On data with a ``flipped`` column (benchmarks): the means of the gathered per-pair `values` over the
+        flipped and over the clean pairs of the global batch, as `flipped_name` and `clean_name`."""
         if "flipped" not in inputs:
             return
         flipped = self.batch.gather(inputs["flipped"].float()).bool()
         if flipped.any():
-            self.add(mode, f"{name}_flipped", values[flipped].mean().item())
+            self.add(mode, flipped_name, values[flipped].mean().item())
         if (~flipped).any():
-            self.add(mode, f"{name}_clean", values[~flipped].mean().item())
+            self.add(mode, clean_name, values[~flipped].mean().item())
 
     def record_pairs(self, mode: str, outputs: dict, beta: float) -> None:
         """Diffusion-DPO's metrics of a step: implicit rewards, their margins and accuracy, denoising losses."""

@@ -216,7 +216,7 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
         """loss_i = W_i * ell(beta * l_i - gamma_i): l_i the pair's Diffusion-DPO logit on shared noise and timestep,
         W_i and gamma_i the robustness methods' detached weights and margins (1 and 0 without any)."""
         mode, step = ("train" if model.training else "eval"), self.state.global_step
-        with_annotators = any(m.wants_annotators(step, model.training) for m in self.robustness.values())
+        with_annotators = self.annotators_due(model.training)
         out = self.forwards.pair_forward(model, inputs, step, with_annotators)
         self.metrics.record_pairs(mode, out, self.args.beta)
         pairs = PairStep(out, inputs, step, model.training, policy=self.model, with_annotators=with_annotators)
@@ -226,6 +226,10 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
                                  max_margin=self.args.max_margin)
         loss = losses.mean()
         return (loss, out) if return_outputs else loss
+
+    def annotators_due(self, training: bool) -> bool:
+        """Whether this step's forward runs the EMA annotators (some robustness method wants them)."""
+        return any(m.wants_annotators(self.state.global_step, training) for m in self.robustness.values())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self.metrics.flush("train" if self.model.training else "eval", logs)

@@ -41,6 +41,8 @@ class DiffusionFamily(ABC):
     denoiser_component: str = "unet"
     #: Keep a VAE whose config sets `force_upcast` in float32 (SDXL's, SD3's and Flux's overflow in float16).
     upcast_forced_vae: bool = False
+    #: Pipeline components that only run for inference (frozen); those the pipeline lacks or sets to None are skipped.
+    frozen_components: tuple[str, ...] = ("text_encoder", "vae")
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
@@ -57,9 +59,10 @@ class DiffusionFamily(ABC):
         """The network that is trained (the UNet, or the transformer of flow-matching models)."""
         return getattr(self.pipeline, self.denoiser_component)
 
-    @abstractmethod
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         """Modules that are only run for inference (text encoders, VAE), by pipeline component name."""
+        modules = {name: getattr(self.pipeline, name, None) for name in self.frozen_components}
+        return {name: module for name, module in modules.items() if module is not None}
 
     def check_not_partitioned(self) -> None:
         """Raise if a frozen module was built under DeepSpeed's `zero.Init` (its weights are empty placeholders): a

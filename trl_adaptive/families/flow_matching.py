@@ -15,11 +15,11 @@ by `flow_shift`, or by the resolution-dependent shift Flux applies at inference 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from .base import DiffusionFamily
@@ -28,23 +28,12 @@ from .base import DiffusionFamily
 TIMESTEP_DENSITIES = {"logit_normal": "logit_normal", "mode": "mode", "uniform": "none"}
 
 
-def shifted_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """SD3's static time shift: ``shift * s / (1 + (shift - 1) s)`` (shift > 1 moves training to noisier levels)."""
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
-def resolution_shift_mu(image_seq_len: int, config) -> float:
-    """Flux's resolution-dependent shift exponent: linear in the number of image tokens between the scheduler's
-    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
-    slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
-    return config.base_shift + slope * (image_seq_len - config.base_image_seq_len)
-
-
 class FlowMatchingFamily(DiffusionFamily):
     """Base of the flow-matching families: noise, target, timesteps and saving of a ``transformer`` denoiser."""
 
     denoiser_component = "transformer"
     upcast_forced_vae = True  # SD3's and Flux's VAE configs set force_upcast, as SDXL's
+    frozen_components = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
     #: T5 tokens per prompt in training when `max_sequence_length` is unset (the family's training script).
     default_max_sequence_length = 77
 
@@ -61,18 +50,19 @@ class FlowMatchingFamily(DiffusionFamily):
         self.timestep_density = args.timestep_density
         self.logit_mean, self.logit_std, self.mode_scale = args.logit_mean, args.logit_std, args.mode_scale
         self.max_sequence_length = args.max_sequence_length or self.default_max_sequence_length
+        # The scheduler's own tables and shift functions (diffusers), built with the requested shift.
         config = self.noise_scheduler.config
-        num = config.num_train_timesteps
-        base = torch.linspace(1.0, 1.0 / num, num, dtype=torch.float64)  # the unshifted table of the scheduler
-        if args.flow_resolution_shift:
-            tokens = self.image_tokens(args.resolution)
-            mu = resolution_shift_mu(tokens, config)
-            table = math.exp(mu) / (math.exp(mu) + (1 / base - 1))
-        elif args.flow_shift is not None:
-            table = shifted_sigmas(base, args.flow_shift)
+        if args.flow_resolution_shift:  # Flux's inference shift: exp(mu), mu linear in the image tokens
+            mu = calculate_shift(self.image_tokens(args.resolution), config.base_image_seq_len,
+                                 config.max_image_seq_len, config.base_shift, config.max_shift)
+            unshifted = FlowMatchEulerDiscreteScheduler.from_config(config, use_dynamic_shifting=True).sigmas
+            table = self.noise_scheduler.time_shift(mu, 1.0, unshifted)
+        elif args.flow_shift is not None:  # static shift: shift s / (1 + (shift - 1) s)
+            table = FlowMatchEulerDiscreteScheduler.from_config(config, shift=args.flow_shift,
+                                                                use_dynamic_shifting=False).sigmas
         else:
-            table = self.noise_scheduler.sigmas.double()
-        self.sigma_table = table.float()
+            table = self.noise_scheduler.sigmas
+        self.sigma_table = table.float().clone()
 
     @property
     def patch_size(self) -> int:
@@ -83,10 +73,6 @@ class FlowMatchingFamily(DiffusionFamily):
         """Image tokens of a square `resolution` image: latent side / patch side, squared."""
         side = resolution // self.pipeline.vae_scale_factor // self.patch_size
         return side * side
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipeline.transformer
 
     # ---- forward process -------------------------------------------------------------------------------
     def sample_timesteps(self, batch_size: int, device, generator=None, min_noise: float = 0.0) -> torch.Tensor:
@@ -129,11 +115,6 @@ class FlowMatchingFamily(DiffusionFamily):
 
     def conditioning_from_cache(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"encoder_hidden_states": batch["prompt_embeds"], "pooled_projections": batch["pooled_prompt_embeds"]}
-
-    def frozen_modules(self):
-        names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
-        modules = {name: getattr(self.pipeline, name, None) for name in names}
-        return {name: module for name, module in modules.items() if module is not None}
 
     def lora_layers(self, peft_state_dict: dict) -> dict:
         # diffusers' SD3 / Flux scripts save the transformer's PEFT state dict as it is.

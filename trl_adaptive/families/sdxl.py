@@ -31,11 +31,7 @@ class StableDiffusionXLFamily(DiffusionFamily):
 
     pipeline_classes = (StableDiffusionXLPipeline,)
     upcast_forced_vae = True
-
-    def frozen_modules(self):
-        names = ("text_encoder", "text_encoder_2", "vae")
-        modules = {name: getattr(self.pipeline, name, None) for name in names}
-        return {name: module for name, module in modules.items() if module is not None}
+    frozen_components = ("text_encoder", "text_encoder_2", "vae")
 
     # ---- inputs ----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -19,12 +19,6 @@ class StableDiffusionFamily(DiffusionFamily):
 
     pipeline_classes = (StableDiffusionPipeline,)
 
-    def frozen_modules(self):
-        modules = {"text_encoder": self.pipeline.text_encoder}
-        if self.pipeline.vae is not None:
-            modules["vae"] = self.pipeline.vae
-        return modules
-
     def tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
         return tokenizer(
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"

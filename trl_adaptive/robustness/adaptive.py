@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_choice, require
 from ..distributed import make_annotators
 from ..history import PairHistory
 from ..losses import (
@@ -41,24 +42,17 @@ class AdaptiveDPO(RobustnessMethod):
     def validate(cls, args) -> None:
         for name, allowed in (("weight_fn", WEIGHT_FUNCTIONS), ("margin", MARGIN_POWERS),
                               ("metric_normalize", METRIC_NORMALIZATIONS)):
-            if getattr(args, name) not in allowed:
-                raise ValueError(
-                    f"AdaptiveDPOConfig.{name}={getattr(args, name)!r} is not valid; allowed values: {sorted(allowed)}"
-                )
+            check_choice(args, name, allowed)
         args.annotator_decays = [float(d) for d in (args.annotator_decays or [])]
         for decay in args.annotator_decays:
             if not 0.0 <= decay < 1.0:
                 raise ValueError(f"AdaptiveDPOConfig.annotator_decays entries must be in [0, 1), got {decay}")
-        if args.annotator_interval < 1:
-            raise ValueError(f"AdaptiveDPOConfig.annotator_interval must be >= 1, got {args.annotator_interval}")
-        if not args.metric_rho > 0:
-            raise ValueError(f"AdaptiveDPOConfig.metric_rho must be > 0, got {args.metric_rho}")
-        if args.metric_warmup_steps < 0:
-            raise ValueError(f"AdaptiveDPOConfig.metric_warmup_steps must be >= 0, got {args.metric_warmup_steps}")
+        require(args, "annotator_interval", args.annotator_interval >= 1, ">= 1")
+        require(args, "metric_rho", args.metric_rho > 0, "> 0")
+        require(args, "metric_warmup_steps", args.metric_warmup_steps >= 0, ">= 0")
         if args.weight_intercept <= 0 and args.weight_fn in ("linear", "quadratic"):
             raise ValueError("AdaptiveDPOConfig.weight_intercept must be > 0 for weight_fn 'linear'/'quadratic'")
-        if args.weight_scale < 0:
-            raise ValueError(f"AdaptiveDPOConfig.weight_scale must be >= 0, got {args.weight_scale}")
+        require(args, "weight_scale", args.weight_scale >= 0, ">= 0")
 
     def __init__(self, args, num_rows, batch, forwards=None, history_decay: float = 0.0):
         super().__init__(args, num_rows, batch, forwards)
@@ -118,7 +112,8 @@ class AdaptiveDPO(RobustnessMethod):
         metrics.keep_for_histograms(mode, "minority/weight", gathered["minority/weight_mean"])
         metrics.add(mode, "minority/weight_min", gathered["minority/weight_mean"].min().item())
         # Synthetic-minority runs: how well u separates flipped pairs (minority/score_flipped, minority/score_clean).
-        metrics.add_group_means(mode, "minority/score", gathered["minority/score_mean"], step.inputs)
+        metrics.add_group_means(mode, gathered["minority/score_mean"], step.inputs,
+                                "minority/score_flipped", "minority/score_clean")
 
     def on_optimizer_step(self, model) -> None:
         if self.annotators is not None:

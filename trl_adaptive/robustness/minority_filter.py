@@ -11,9 +11,11 @@ evidence functions and rules are pure functions in `trl_adaptive.filtering`.
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
 
+from .. import _checks
 from ..filtering import (
     MINORITY_EVIDENCE,
     MINORITY_FILTERS,
@@ -39,12 +41,7 @@ def report_kept_pairs(keep: torch.Tensor, step: PairStep, batch: GlobalBatch, me
     keep = batch.gather(keep)
     metrics.add("train", "minority/kept_fraction", keep.mean().item())
     metrics.keep_for_histograms("train", "minority/keep", keep)
-    if "flipped" in step.inputs:
-        flipped = batch.gather(step.inputs["flipped"].float()).bool()
-        if flipped.any():
-            metrics.add("train", "minority/flipped_dropped", (1 - keep[flipped]).mean().item())
-        if (~flipped).any():
-            metrics.add("train", "minority/clean_dropped", (1 - keep[~flipped]).mean().item())
+    metrics.add_group_means("train", 1 - keep, step.inputs, "minority/flipped_dropped", "minority/clean_dropped")
     return keep
 
 
@@ -66,15 +63,9 @@ class MinorityFilter(RobustnessMethod):
 
     @classmethod
     def validate(cls, args) -> None:
-        def require(name, ok, requirement):
-            if not ok:
-                raise ValueError(f"AdaptiveDPOConfig.{name} must be {requirement}, got {getattr(args, name)}")
-
-        for name, allowed in (("minority_filter", MINORITY_FILTERS), ("minority_evidence", MINORITY_EVIDENCE)):
-            if getattr(args, name) not in allowed:
-                raise ValueError(
-                    f"AdaptiveDPOConfig.{name}={getattr(args, name)!r} is not valid; allowed values: {sorted(allowed)}"
-                )
+        require = partial(_checks.require, args)
+        _checks.check_choice(args, "minority_filter", MINORITY_FILTERS)
+        _checks.check_choice(args, "minority_evidence", MINORITY_EVIDENCE)
         if cls.enabled(args) and args.minority_evidence == "score" and not args.adaptive:
             raise ValueError("AdaptiveDPOConfig.minority_evidence='score' needs adaptive=True (u comes from the annotators)")
         if cls.enabled(args) and args.minority_evidence == "prompt_contrast" and args.per_device_train_batch_size < 2:
