@@ -13,7 +13,7 @@ from PIL import Image
 
 from trl_adaptive.evaluation import paired_summary, win_rate
 from trl_adaptive.evaluation.scorers import AestheticHead, load_scorer
-from trl_adaptive.tiny import tiny_clip_scorer
+from trl_adaptive.tiny import tiny_clip_scorer, tiny_hpsv2_checkpoint, tiny_imagereward_checkpoint
 
 
 # ---- statistics -------------------------------------------------------------------------------------------------
@@ -125,21 +125,25 @@ def test_evaluate_command_writes_table_json_and_grid(trained_lora, tiny_pipeline
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue square\n\na green square\na red square\n")  # blank and repeat dropped
     out = tmp_path / "eval"
+    hps, image_reward = tiny_hpsv2_checkpoint(str(tmp_path / "hps")), tiny_imagereward_checkpoint(str(tmp_path / "ir"))
     argv = ["evaluate", "--model", trained_lora, "--base", tiny_pipeline_dir, "--prompts", str(prompts),
-            "--scorers", "pickscore,clip", "--scorer-path", f"pickscore={clip_dir}", "--scorer-path", f"clip={clip_dir}",
+            "--scorers", "pickscore,hpsv2,clip,imagereward", "--scorer-path", f"pickscore={clip_dir}",
+            "--scorer-path", f"clip={clip_dir}", "--scorer-path", f"hpsv2={hps}", "--scorer-path", f"imagereward={image_reward}",
             "--seeds-per-prompt", "2", "--steps", "2", "--resolution", "32", "--batch-size", "4",
             "--resamples", "200", "--output-dir", str(out), "--no-progress"]  # fmt: skip
     assert cli.main(argv) == 0
     report = json.loads((out / "results.json").read_text())
     assert report["prompts"] == ["a red square", "a blue square", "a green square"]
-    for name in ("pickscore", "clip"):
+    assert list(report["scorers"]) == ["pickscore", "hpsv2", "clip", "imagereward"]
+    for name in report["scorers"]:
         summary = report["scorers"][name]
         assert summary["num_pairs"] == 6 and summary["num_prompts"] == 3
         scores = report["per_image"][name]
         assert summary["mean_difference"] == pytest.approx(np.mean(scores["tuned"]) - np.mean(scores["base"]))
         assert summary["win_rate_ci"][0] <= summary["win_rate"] <= summary["win_rate_ci"][1]
     assert report["per_image"]["pickscore"]["base"] != report["per_image"]["pickscore"]["tuned"]  # the LoRA acts
-    assert "| pickscore |" in (out / "results.md").read_text() and "| clip |" in capsys.readouterr().out
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in report["scorers"]) and "| hpsv2 |" in capsys.readouterr().out
     grid = Image.open(out / "grid.png")
     assert grid.size == (32 * 6, 32 * 2)
     # Same seeds, same images: a rerun generates nothing new and finds the same scores.

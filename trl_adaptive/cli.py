@@ -148,9 +148,11 @@ def evaluate(argv: list[str]) -> dict:
     parser.add_argument("--prompt-column", help="Dataset column of the prompts (default: caption or prompt).")
     parser.add_argument("--split", default="train", help="Dataset split of the prompts.")
     parser.add_argument("--max-prompts", type=int, default=None, help="Use the first N unique prompts.")
-    parser.add_argument("--scorers", default="pickscore,clip", help="Comma-separated: pickscore, clip, aesthetic.")
+    parser.add_argument("--scorers", default="pickscore,clip",
+                        help="Comma-separated: pickscore, clip, aesthetic, hpsv2, hpsv2.1, imagereward.")
     parser.add_argument("--scorer-path", action="append", default=[], metavar="NAME=PATH",
-                        help="Local folder or Hub id of a scorer's model (repeatable), e.g. pickscore=/models/pickscore.")
+                        help="Local folder, file or Hub id of a scorer's weights (repeatable), e.g. pickscore=/models/pickscore, "
+                        "hpsv2=/models/HPS_v2_compressed.pt, imagereward=/models/ImageReward (a folder with ImageReward.pt).")
     parser.add_argument("--aesthetic-head", help="Weights file of the aesthetic MLP head (.pth or .safetensors).")
     parser.add_argument("--seeds-per-prompt", type=int, default=1)
     parser.add_argument("--first-seed", type=int, default=0)

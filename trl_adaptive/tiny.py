@@ -355,3 +355,108 @@ def tiny_clip_scorer(folder: str, seed: int = 0, projection_dim: int = 16) -> st
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def _random_state(shapes: dict[str, tuple], seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors of the given shapes; LayerNorm-like vectors (names ending in weight, 1-D) around 1."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        tensor = 0.1 * torch.randn(shape, generator=generator)
+        state[name] = tensor + 1.0 if len(shape) == 1 and name.endswith("weight") and "norm" in name.lower() else tensor
+    return state
+
+
+def open_clip_state_shapes(vision_width=160, vision_layers=1, patch=8, image_size=32, text_width=64, text_layers=1,
+                           context=16, vocab=514, embed=16) -> dict[str, tuple]:
+    """Parameter names and shapes of an OpenCLIP ViT CLIP model (HPSv2's checkpoint layout); the defaults are tiny, with
+    ViT-H/14's head widths (80 for vision: 2 heads here, 64 for text: 1 head)."""
+    shapes = {"logit_scale": (), "token_embedding.weight": (vocab, text_width), "positional_embedding": (context, text_width),
+              "ln_final.weight": (text_width,), "ln_final.bias": (text_width,), "text_projection": (text_width, embed),
+              "visual.conv1.weight": (vision_width, 3, patch, patch), "visual.class_embedding": (vision_width,),
+              "visual.positional_embedding": ((image_size // patch) ** 2 + 1, vision_width),
+              "visual.ln_pre.weight": (vision_width,), "visual.ln_pre.bias": (vision_width,),
+              "visual.ln_post.weight": (vision_width,), "visual.ln_post.bias": (vision_width,),
+              "visual.proj": (vision_width, embed)}  # fmt: skip
+    for prefix, width, layers in (("transformer", text_width, text_layers), ("visual.transformer", vision_width, vision_layers)):
+        for i in range(layers):
+            block = f"{prefix}.resblocks.{i}"
+            shapes.update({f"{block}.ln_1.weight": (width,), f"{block}.ln_1.bias": (width,),
+                           f"{block}.attn.in_proj_weight": (3 * width, width), f"{block}.attn.in_proj_bias": (3 * width,),
+                           f"{block}.attn.out_proj.weight": (width, width), f"{block}.attn.out_proj.bias": (width,),
+                           f"{block}.ln_2.weight": (width,), f"{block}.ln_2.bias": (width,),
+                           f"{block}.mlp.c_fc.weight": (4 * width, width), f"{block}.mlp.c_fc.bias": (4 * width,),
+                           f"{block}.mlp.c_proj.weight": (width, 4 * width), f"{block}.mlp.c_proj.bias": (width,)})  # fmt: skip
+    return shapes
+
+
+def tiny_hpsv2_checkpoint(folder: str, seed: int = 0, filename: str = "HPS_v2_compressed.pt") -> str:
+    """A random-weight HPSv2 release in its own layout (``{"state_dict": OpenCLIP weights}`` in `filename`) and the
+    character-level CLIP tokenizer, in `folder`: what `hpsv2=<folder>` loads, converted on the way."""
+    os.makedirs(folder, exist_ok=True)
+    state = _random_state(open_clip_state_shapes(), seed)
+    state["logit_scale"] = torch.tensor(np.log(100.0), dtype=torch.float32)
+    torch.save({"epoch": 1, "state_dict": state}, os.path.join(folder, filename))
+    tiny_clip_tokenizer(folder).save_pretrained(folder)
+    return folder
+
+
+def tiny_bert_tokenizer(folder: str):
+    """An uncased WordPiece tokenizer of letters and digits (BERT's special tokens), saved to and loaded from `folder`."""
+    from transformers import BertTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    pieces = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *pieces, *("##" + p for p in pieces), ".", ","]
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer.from_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # with its tokenizer.json and config, so AutoTokenizer loads the folder
+    return tokenizer
+
+
+def imagereward_state_shapes(vision_width=128, vision_layers=1, patch=16, image_size=32, text_width=64, text_layers=1,
+                             vocab=82, max_positions=40) -> dict[str, tuple]:
+    """Names and shapes of ImageReward's release (BLIP's timm-style ViT, BLIP's cross-attention BERT, the MLP head);
+    the defaults are tiny, with BLIP's 64-wide heads."""
+    v, t = "blip.visual_encoder", "blip.text_encoder"
+    shapes = {f"{v}.cls_token": (1, 1, vision_width), f"{v}.pos_embed": (1, (image_size // patch) ** 2 + 1, vision_width),
+              f"{v}.patch_embed.proj.weight": (vision_width, 3, patch, patch), f"{v}.patch_embed.proj.bias": (vision_width,),
+              f"{v}.norm.weight": (vision_width,), f"{v}.norm.bias": (vision_width,),
+              f"{t}.embeddings.word_embeddings.weight": (vocab, text_width),
+              f"{t}.embeddings.position_embeddings.weight": (max_positions, text_width),
+              f"{t}.embeddings.LayerNorm.weight": (text_width,), f"{t}.embeddings.LayerNorm.bias": (text_width,),
+              # BLIP's contrastive projections: in the release, unused by the reward
+              "blip.vision_proj.weight": (256, vision_width), "blip.vision_proj.bias": (256,)}  # fmt: skip
+    for i in range(vision_layers):
+        b = f"{v}.blocks.{i}"
+        for name, shape in (("norm1", (vision_width,)), ("norm2", (vision_width,))):
+            shapes.update({f"{b}.{name}.weight": shape, f"{b}.{name}.bias": shape})
+        for name, (out_dim, in_dim) in (("attn.qkv", (3 * vision_width, vision_width)), ("attn.proj", (vision_width, vision_width)),
+                                        ("mlp.fc1", (4 * vision_width, vision_width)), ("mlp.fc2", (vision_width, 4 * vision_width))):
+            shapes.update({f"{b}.{name}.weight": (out_dim, in_dim), f"{b}.{name}.bias": (out_dim,)})
+    for i in range(text_layers):
+        b = f"{t}.encoder.layer.{i}"
+        for attention, kv_width in (("attention", text_width), ("crossattention", vision_width)):
+            for name, in_dim in (("query", text_width), ("key", kv_width), ("value", kv_width)):
+                shapes.update({f"{b}.{attention}.self.{name}.weight": (text_width, in_dim), f"{b}.{attention}.self.{name}.bias": (text_width,)})
+            shapes.update({f"{b}.{attention}.output.dense.weight": (text_width, text_width),
+                           f"{b}.{attention}.output.dense.bias": (text_width,),
+                           f"{b}.{attention}.output.LayerNorm.weight": (text_width,),
+                           f"{b}.{attention}.output.LayerNorm.bias": (text_width,)})
+        shapes.update({f"{b}.intermediate.dense.weight": (4 * text_width, text_width), f"{b}.intermediate.dense.bias": (4 * text_width,),
+                       f"{b}.output.dense.weight": (text_width, 4 * text_width), f"{b}.output.dense.bias": (text_width,),
+                       f"{b}.output.LayerNorm.weight": (text_width,), f"{b}.output.LayerNorm.bias": (text_width,)})
+    for index, (out_dim, in_dim) in zip((0, 2, 4, 6, 7), ((1024, text_width), (128, 1024), (64, 128), (16, 64), (1, 16))):
+        shapes.update({f"mlp.layers.{index}.weight": (out_dim, in_dim), f"mlp.layers.{index}.bias": (out_dim,)})
+    return shapes
+
+
+def tiny_imagereward_checkpoint(folder: str, seed: int = 0) -> str:
+    """A random-weight ImageReward release in its own layout (``ImageReward.pt``) and a tiny BERT tokenizer, in
+    `folder`: what `imagereward=<folder>` loads, converted on the way."""
+    os.makedirs(folder, exist_ok=True)
+    tokenizer = tiny_bert_tokenizer(folder)
+    state = _random_state(imagereward_state_shapes(vocab=len(tokenizer)), seed)
+    torch.save(state, os.path.join(folder, "ImageReward.pt"))
+    return folder
