@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["trl_adaptive", "trl_adaptive.*"]),
+    package_data={"trl_adaptive.evaluation": ["prompts/*"]},  # the built-in prompt sets and their licences
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.32",

@@ -168,3 +168,19 @@ def test_images_of_other_settings_are_not_mixed(trained_lora, tiny_pipeline_dir,
     evaluate(settings=GenerationSettings(num_inference_steps=2, resolution=32), **common)
     with pytest.raises(ValueError, match="other settings"):
         evaluate(settings=GenerationSettings(num_inference_steps=3, resolution=32), **common)
+
+
+def test_builtin_parti_prompts():
+    """PartiPrompts ships with the library (Apache-2.0): 1,632 unique prompts, sorted by category, so a random sample
+    (kept in the file's order, the same for the same seed) spans categories where the first N would not."""
+    from trl_adaptive.evaluation import load_prompts
+
+    prompts = load_prompts("parti")
+    assert len(prompts) == 1632 and prompts[0] == "bond"
+    sample = load_prompts("parti", sample=50, sample_seed=0)
+    assert len(sample) == 50 and sample == load_prompts("parti", sample=50, sample_seed=0)
+    assert sample != load_prompts("parti", sample=50, sample_seed=1)
+    assert sample == [p for p in prompts if p in set(sample)]  # in the set's order
+    assert load_prompts("parti", max_prompts=3) == prompts[:3]
+    # The first 51 are all "Abstract" single words; the sample reaches well past them.
+    assert max(prompts.index(p) for p in sample) > 1000

@@ -144,10 +144,13 @@ def evaluate(argv: list[str]) -> dict:
     parser.add_argument("--model", required=True, help="Trained output: a LoRA folder, a pipeline folder or a Hub id.")
     parser.add_argument("--base", help="The base pipeline (folder or Hub id). Default: the one the model card names.")
     parser.add_argument("--prompts", required=True,
-                        help="A text file (one prompt per line), or a dataset (Hub name, save_to_disk folder, data file).")
+                        help="A built-in set (parti: PartiPrompts, 1,632 prompts), a text file (one prompt per line), or a "
+                        "dataset (Hub name, save_to_disk folder, data file).")
     parser.add_argument("--prompt-column", help="Dataset column of the prompts (default: caption or prompt).")
     parser.add_argument("--split", default="train", help="Dataset split of the prompts.")
     parser.add_argument("--max-prompts", type=int, default=None, help="Use the first N unique prompts.")
+    parser.add_argument("--sample-prompts", type=int, default=None, metavar="N",
+                        help="Use N unique prompts drawn at random (seed --first-seed), in the set's order.")
     parser.add_argument("--scorers", default="pickscore,clip",
                         help="Comma-separated: pickscore, clip, aesthetic, hpsv2, hpsv2.1, imagereward.")
     parser.add_argument("--scorer-path", action="append", default=[], metavar="NAME=PATH",
@@ -180,7 +183,8 @@ def evaluate(argv: list[str]) -> dict:
     ]
     settings = GenerationSettings(options.steps, options.guidance_scale, options.resolution, options.seeds_per_prompt,
                                   options.first_seed)
-    prompts = load_prompts(options.prompts, options.prompt_column, options.split, options.max_prompts)
+    prompts = load_prompts(options.prompts, options.prompt_column, options.split, options.max_prompts,
+                           options.sample_prompts, options.first_seed)
     report = run_evaluation(options.model, options.base, prompts, scorers, options.output_dir, settings,
                             options.batch_size, device=device, resamples=options.resamples,
                             progress=not options.no_progress)

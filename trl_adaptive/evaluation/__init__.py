@@ -21,7 +21,7 @@ from .generation import GenerationSettings, base_model_from_card, comparison_gri
 from .scorers import SCORERS, Scorer, load_scorer
 from .stats import paired_summary, win_rate
 
-__all__ = ["GenerationSettings", "SCORERS", "Scorer", "default_device", "evaluate", "load_prompts", "load_scorer", "markdown_table",
+__all__ = ["BUILTIN_PROMPT_SETS", "GenerationSettings", "SCORERS", "Scorer", "default_device", "evaluate", "load_prompts", "load_scorer", "markdown_table",
            "paired_summary", "win_rate"]
 
 
@@ -30,11 +30,28 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_prompts(source, column: str | None = None, split: str = "train", max_prompts: int | None = None) -> list[str]:
-    """Prompts from a list, a text file (one per line), or a dataset (Hub name, `save_to_disk` folder or data file)
-    column (`column`, default ``caption`` or ``prompt``); unique, in first-seen order, at most `max_prompts`."""
+#: Prompt sets shipped with the library (trl_adaptive/evaluation/prompts/README.md: sources and licences).
+BUILTIN_PROMPT_SETS = {"parti": ("PartiPrompts.tsv", "Prompt")}
+
+
+def _builtin_prompts(name: str) -> list[str]:
+    import csv
+
+    filename, column = BUILTIN_PROMPT_SETS[name]
+    with open(Path(__file__).parent / "prompts" / filename, newline="", encoding="utf-8") as f:
+        return [row[column] for row in csv.DictReader(f, delimiter="\t")]
+
+
+def load_prompts(source, column: str | None = None, split: str = "train", max_prompts: int | None = None,
+                 sample: int | None = None, sample_seed: int = 0) -> list[str]:
+    """Prompts from a list, a built-in set (`BUILTIN_PROMPT_SETS`: ``parti``), a text file (one per line), or a
+    dataset (Hub name, `save_to_disk` folder or data file) column (`column`, default ``caption`` or ``prompt``);
+    unique, in first-seen order; the first `max_prompts`, or a random `sample` of that many (seeded by `sample_seed`,
+    kept in the set's order: PartiPrompts is sorted by category, so its first N are all of one kind)."""
     if isinstance(source, (list, tuple)):
         prompts = list(source)
+    elif str(source) in BUILTIN_PROMPT_SETS:
+        prompts = _builtin_prompts(str(source))
     elif str(source).endswith(".txt"):
         prompts = [line.strip() for line in Path(source).read_text().splitlines() if line.strip()]
     else:
@@ -45,7 +62,11 @@ def load_prompts(source, column: str | None = None, split: str = "train", max_pr
         if column is None or column not in data.column_names:
             raise ValueError(f"prompt column {column!r} not in {source} (columns: {data.column_names}); pass column=")
         prompts = [p for p in data[column] if isinstance(p, str) and p.strip()]
-    prompts = list(dict.fromkeys(prompts))[:max_prompts]
+    prompts = list(dict.fromkeys(prompts))
+    if sample is not None:
+        keep = np.random.default_rng(sample_seed).choice(len(prompts), size=min(sample, len(prompts)), replace=False)
+        prompts = [prompts[i] for i in sorted(keep)]
+    prompts = prompts[:max_prompts]
     if not prompts:
         raise ValueError(f"no prompts in {source!r}")
     return prompts
