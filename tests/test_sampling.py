@@ -74,3 +74,55 @@ def test_sampling_is_off_by_default(tmp_path):
     trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=tiny_args(tmp_path),
                                           train_dataset=toy_preference_dataset(8), peft_config=lora_config())
     assert not any(isinstance(c, SampleImagesCallback) for c in trainer.callback_handler.callbacks)
+
+
+class _RecordingTrackio:
+    """Stands in for the `trackio` module behind transformers' TrackioCallback (trackio is not installed here: it
+    pins pillow < 13): records what is logged, with trackio's Image / Histogram signatures."""
+
+    class Image:
+        def __init__(self, value, caption=None):
+            self.value, self.caption = value, caption
+
+    class Histogram:
+        def __init__(self, sequence=None, np_histogram=None, num_bins=64):
+            self.values = sequence
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, metrics, step=None):
+        self.logged.append((step, metrics))
+
+    def __getattr__(self, name):  # init / finish / config.update ...: nothing to do in a test
+        return _RecordingTrackio._noop
+
+    class _Noop:
+        def __call__(self, *args, **kwargs):
+            return None
+
+        def __getattr__(self, name):
+            return self
+
+    _noop = _Noop()
+
+
+def test_samples_and_histograms_reach_trackio(tmp_path):
+    from transformers.integrations import TrackioCallback
+
+    callback = TrackioCallback.__new__(TrackioCallback)  # its __init__ imports trackio
+    callback._trackio, callback._initialized = _RecordingTrackio(), True
+    callback._space_id = callback._static_space_id = None
+    args = tiny_args(tmp_path, max_steps=3, annotator_decays=[0.9, 0.5], eval_prompts=["a red square", "a blue square"],
+                     sample_steps=2, sample_num_inference_steps=2)
+    trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=args, train_dataset=toy_preference_dataset(8),
+                                          peft_config=lora_config(), callbacks=[callback])
+    trainer.train()
+    samples = [(m["train/global_step"], m) for _, m in callback._trackio.logged if "samples/0" in m]
+    assert [step for step, _ in samples] == [2, 3]
+    step, metrics = samples[0]
+    # One image per key (trackio.log drops a list of images; checked with trackio 0.43 itself)
+    assert [metrics[f"samples/{k}"].caption for k in range(2)] == ["a red square", "a blue square"]
+    assert metrics["samples/0"].value.size == (32, 32) and metrics["samples/0"].value.mode == "RGB"
+    assert len(metrics["minority/score"].values) == 2 and len(metrics["minority/weight"].values) == 2  # one per pair
+    assert any("train/loss" in m for _, m in callback._trackio.logged)  # the Trainer's own logs go through it too

@@ -3,7 +3,7 @@
 With `AdaptiveDPOConfig.eval_prompts` set, every `sample_steps` optimizer steps the current policy generates one
 image per prompt with fixed seeds (the same noise at every sampling, so the images show what training changed) and
 the trainer logs them, and histograms of the last step's per-pair minority score, weights and filter keep mask, to
-each tracker of `report_to` that takes images: TensorBoard and Weights & Biases; with `sample_reward_model` their
+each tracker of `report_to` that takes images: TensorBoard, Weights & Biases and Trackio; with `sample_reward_model` their
 mean reward goes out as a scalar with the next training log. Off by default, and then nothing here runs.
 
 Every process generates (under DeepSpeed ZeRO-3 each forward gathers the sharded weights, a collective); only the
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers import TrainerCallback
-from transformers.integrations import TensorBoardCallback, WandbCallback
+from transformers.integrations import TensorBoardCallback, TrackioCallback, WandbCallback
 
 
 def read_prompts(prompts: list[str]) -> list[str]:
@@ -75,16 +75,41 @@ class SampleImagesCallback(TrainerCallback):
             # Trainer's should_log flag and drop this step's training log).
             reward = float(self.scorer.score(images, self.prompts).mean())
             self.trainer.metrics.add("train", f"samples/{self.scorer.name}", reward)
-        pixels = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (N, H, W, 3) uint8
         histograms = {k: v.numpy() for k, v in self.trainer.metrics.last_pair_statistics.items()}
         for callback in self.trainer.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
-                callback.tb_writer.add_images("samples", pixels, step, dataformats="NHWC")
-                for name, values in histograms.items():
-                    callback.tb_writer.add_histogram(name, values, step)
-                callback.tb_writer.flush()
-            elif isinstance(callback, WandbCallback) and getattr(callback, "_initialized", False):
-                wandb = callback._wandb
-                logged = {"samples": [wandb.Image(image, caption=p) for image, p in zip(images, self.prompts)]}
-                logged.update({name: wandb.Histogram(values) for name, values in histograms.items()})
-                wandb.log({**logged, "train/global_step": step})
+            for tracker, log in IMAGE_LOGGERS.items():
+                if isinstance(callback, tracker):
+                    log(callback, images, self.prompts, histograms, step)
+
+
+def _log_to_tensorboard(callback, images, prompts, histograms, step):
+    if callback.tb_writer is None:  # not set up on this process
+        return
+    pixels = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (N, H, W, 3) uint8
+    callback.tb_writer.add_images("samples", pixels, step, dataformats="NHWC")
+    for name, values in histograms.items():
+        callback.tb_writer.add_histogram(name, values, step)
+    callback.tb_writer.flush()
+
+
+def _log_to_wandb(callback, images, prompts, histograms, step):
+    if not getattr(callback, "_initialized", False):
+        return
+    wandb = callback._wandb
+    logged = {"samples": [wandb.Image(image, caption=p) for image, p in zip(images, prompts)]}
+    logged.update({name: wandb.Histogram(values) for name, values in histograms.items()})
+    wandb.log({**logged, "train/global_step": step})
+
+
+def _log_to_trackio(callback, images, prompts, histograms, step):
+    if not getattr(callback, "_initialized", False):
+        return
+    trackio = callback._trackio
+    # One key per prompt: trackio.log skips a list of images (it stores single media values, tables and traces).
+    logged = {f"samples/{k}": trackio.Image(image.convert("RGB"), caption=p) for k, (image, p) in enumerate(zip(images, prompts))}
+    logged.update({name: trackio.Histogram(values) for name, values in histograms.items()})
+    trackio.log({**logged, "train/global_step": step})  # as transformers' TrackioCallback logs the training metrics
+
+
+#: The transformers tracker callbacks that take images, and how each one is given the samples.
+IMAGE_LOGGERS = {TensorBoardCallback: _log_to_tensorboard, WandbCallback: _log_to_wandb, TrackioCallback: _log_to_trackio}
