@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from test_repo import readme_commands
 
@@ -38,6 +39,9 @@ def test_quick_demo_writes_complete_outputs(tmp_path):
     assert set(saved["per_seed"][0]["runs"]) == expected
     for key, run in saved["per_seed"][0]["runs"].items():
         assert 0.0 <= run["reward"] <= 1.0 and 0.0 <= run["win_rate"] <= 1.0, key
+        # Rated through trl_adaptive.evaluation (the rater as its scorer): with the prompt-level bootstrap interval.
+        low, high = run["win_rate_ci_prompts"]
+        assert low <= run["win_rate"] <= high, key
     summary = saved["summary"]
     gap_closed = summary["contrast_filter@0.2"].get("gap_closed")
     assert gap_closed is None or math.isfinite(gap_closed)  # None when the oracle does not beat DPO
@@ -152,3 +156,25 @@ def test_beta_and_set_reach_every_method_config(tmp_path):
     zero = digits.settings_from_args(digits.parse_args(["--beta", "0"]))
     with pytest.raises(ValueError, match="beta"):
         digits.method_config("dpo", 0.2, zero, 0, str(tmp_path))
+
+
+def test_the_rater_is_a_scorer_of_the_evaluation_module():
+    """The demo's rater behind `trl_adaptive.evaluation.Scorer`: PIL images and prompts in, the probability of the
+    prompted digit out, equal to the rater's own rewards; prompts that name no digit or two are refused."""
+    from PIL import Image
+
+    from trl_adaptive.benchmarks.digits.rater import DigitRater, DigitRaterScorer, split_digits
+    from trl_adaptive.evaluation import score_images
+
+    x_train, x_test, y_train, y_test = split_digits(0)
+    rater = DigitRater(x_test, y_test, c=0.1)
+    images_uint8 = (x_train[:12] * 255).round().astype(np.uint8)
+    prompts = [f"a handwritten {digits.DIGIT_WORDS[d]}" for d in y_train[:12]]
+    scorer = DigitRaterScorer(rater)
+    scores = score_images(scorer, [Image.fromarray(i, mode="L") for i in images_uint8], prompts, batch_size=5,
+                          progress=False)
+    np.testing.assert_array_equal(scores, rater.rewards(images_uint8, y_train[:12]))
+    assert scores.mean() > 0.5  # real digits under their own labels: the rater agrees
+    for prompt in ("a handwritten digit", "one or two"):
+        with pytest.raises(ValueError, match="names"):
+            scorer.prompted_digit(prompt)

@@ -21,8 +21,8 @@ from .generation import GenerationSettings, base_model_from_card, comparison_gri
 from .scorers import SCORERS, Scorer, load_scorer
 from .stats import paired_summary, win_rate
 
-__all__ = ["BUILTIN_PROMPT_SETS", "GenerationSettings", "SCORERS", "Scorer", "default_device", "evaluate", "load_prompts", "load_scorer", "markdown_table",
-           "paired_summary", "win_rate"]
+__all__ = ["BUILTIN_PROMPT_SETS", "GenerationSettings", "SCORERS", "Scorer", "compare", "default_device", "evaluate",
+           "load_prompts", "load_scorer", "markdown_table", "paired_summary", "score_images", "win_rate"]
 
 
 def default_device() -> str:
@@ -72,12 +72,28 @@ def load_prompts(source, column: str | None = None, split: str = "train", max_pr
     return prompts
 
 
-def _score_all(scorer: Scorer, paths: list[Path], prompts: list[str], batch_size: int, desc: str, progress: bool):
+def score_images(scorer: Scorer, images: list, prompts: list[str], batch_size: int, desc: str = "Scoring",
+                 progress: bool = True) -> np.ndarray:
+    """`scorer`'s score of every image (PIL images or paths of image files) against its prompt, in batches."""
     scores = []
-    for start in tqdm(range(0, len(paths), batch_size), desc=desc, disable=not progress):
-        images = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
-        scores.append(scorer.score(images, prompts[start : start + batch_size]))
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
+        batch = [Image.open(i).convert("RGB") if isinstance(i, (str, Path)) else i for i in images[start : start + batch_size]]
+        scores.append(scorer.score(batch, prompts[start : start + batch_size]))
     return torch.cat(scores).numpy()
+
+
+def compare(scorers: list[Scorer], base_images: list, tuned_images: list, prompts: list[str], prompt_ids,
+            batch_size: int = 4, resamples: int = 2000, progress: bool = True) -> tuple[dict, dict]:
+    """Score the base and tuned images of the same prompts and seeds (image i of each is a pair) with every scorer:
+    ``({scorer: paired_summary}, {scorer: {"base": scores, "tuned": scores}})``. `prompt_ids` groups the pairs by
+    prompt for the bootstrap. The digits benchmark rates its runs through this too, its rater as the scorer."""
+    summaries, per_image = {}, {}
+    for scorer in scorers:
+        scores = {role: score_images(scorer, images, prompts, batch_size, f"Scoring ({scorer.name}, {role})", progress)
+                  for role, images in (("base", base_images), ("tuned", tuned_images))}  # fmt: skip
+        summaries[scorer.name] = paired_summary(scores["base"], scores["tuned"], prompt_ids, resamples=resamples)
+        per_image[scorer.name] = scores
+    return summaries, per_image
 
 
 def markdown_table(summaries: dict[str, dict]) -> str:
@@ -138,12 +154,9 @@ def evaluate(
     image_prompts = [p for p in prompts for _ in range(settings.seeds_per_prompt)]
     prompt_ids = np.repeat(np.arange(len(prompts)), settings.seeds_per_prompt)
 
-    summaries, per_image = {}, {}
-    for scorer in scorers:
-        scores = {role: _score_all(scorer, images[role], image_prompts, batch_size, f"Scoring ({scorer.name}, {role})",
-                                   progress) for role in images}  # fmt: skip
-        summaries[scorer.name] = paired_summary(scores["base"], scores["tuned"], prompt_ids, resamples=resamples)
-        per_image[scorer.name] = {role: s.tolist() for role, s in scores.items()}
+    summaries, scores = compare(scorers, images["base"], images["tuned"], image_prompts, prompt_ids, batch_size,
+                                resamples, progress)
+    per_image = {name: {role: s.tolist() for role, s in by_role.items()} for name, by_role in scores.items()}
 
     report = {
         "model": model, "base": base, "settings": settings.__dict__, "num_prompts": len(prompts),

@@ -116,7 +116,7 @@ class Scorer(ABC):
 
     @abstractmethod
     def score(self, images: list, prompts: list[str]) -> torch.Tensor:
-        """Scores of shape (N,) for N PIL images and their N prompts, on the CPU in float32."""
+        """Scores of shape (N,) for N PIL images and their N prompts, on the CPU (float32 for the neural scorers)."""
 
 
 class _ClipBased(Scorer):

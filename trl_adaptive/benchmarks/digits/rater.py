@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...evaluation.scorers import Scorer
+from .settings import DIGIT_WORDS
+
 
 def split_digits(seed: int = 0):
     """Real digits split in half: one half pretrains the base model, the other trains the rater (stratified)."""
@@ -41,3 +44,26 @@ class DigitRater:
         features = images_uint8.reshape(len(images_uint8), -1).astype(np.float32) / 255.0
         probs = self.model.predict_proba(features)
         return probs[np.arange(len(digits)), np.asarray(digits)]
+
+
+class DigitRaterScorer(Scorer):
+    """The rater as a scorer of `trl_adaptive.evaluation` (what `trl-adaptive evaluate` and the demo both score
+    through): grey 8x8 images and their prompts -> probability of the digit the prompt names."""
+
+    name = "digit_rater"
+
+    def __init__(self, rater: DigitRater):
+        super().__init__()
+        self.rater = rater
+
+    @staticmethod
+    def prompted_digit(prompt: str) -> int:
+        named = [DIGIT_WORDS.index(word) for word in prompt.split() if word in DIGIT_WORDS]
+        if len(named) != 1:
+            raise ValueError(f"prompt {prompt!r} names {len(named)} digits; the rater scores prompts naming one")
+        return named[0]
+
+    def score(self, images: list, prompts: list[str]) -> torch.Tensor:
+        pixels = np.stack([np.asarray(image.convert("L")) for image in images])
+        digits = np.array([self.prompted_digit(p) for p in prompts])
+        return torch.from_numpy(self.rater.rewards(pixels, digits))  # float64, as the rater computes it

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .base_model import load_base
-from .evaluation import evaluation_set, rate_unet
+from .evaluation import compare_to_base, evaluation_set, sample_unet
 from .methods import (
     DIAGNOSTIC_METHODS,
     EVIDENCE_CHOSEN_GROUPS,
@@ -95,7 +95,7 @@ def run_seed(seed: int, settings: BenchmarkSettings, base, base_folder: str, rat
 
     pairs, pair_info = build_pairs(base, rater, settings, seed)
     evaluation = evaluation_set(base, rater, settings, seed)
-    result = {"seed": seed, "pairs": pair_info, "base_reward": float(evaluation["base_rewards"].mean()), "runs": {}}
+    result = {"seed": seed, "pairs": pair_info, "base_reward": float(evaluation["base_rewards"].mean(dtype=np.float64)), "runs": {}}
     samples = {"base": evaluation["base_images"]} if keep_samples else {}
     flipped_sets = {rate: flip_labels(pairs, rate, seed=seed) for rate in settings.flip_rates}
     jobs = [
@@ -138,19 +138,18 @@ def run_seed(seed: int, settings: BenchmarkSettings, base, base_folder: str, rat
 
 def run_one(job: dict) -> dict:
     """One (flip rate, method) run: fine-tune, sample the held-out evaluation prompts and noise, rate the images."""
-    from ...evaluation.stats import win_rate  # the win rate `trl-adaptive evaluate` reports (ties count one half)
-
     evaluation = job["evaluation"]
     settings = job["settings"]
     unet, visits, seconds = train_method(job["base_folder"], job["dataset"], job["method"], job["flip_rate"], settings,
                                          job["seed"], job["work_dir"])
     filter_stats = visits.pop("filter_stats")
-    images, rewards = rate_unet(unet, evaluation, settings)
-    base_rewards = evaluation["base_rewards"]
+    images = sample_unet(unet, evaluation, settings)
+    summary = compare_to_base(images, evaluation)  # `trl-adaptive evaluate`'s scoring and statistics
     return {
         "flip_rate": job["flip_rate"], "method": job["method"], "train_seconds": seconds,
-        "reward": float(rewards.mean()), "reward_gain": float(rewards.mean() - base_rewards.mean()),
-        "win_rate": win_rate(base_rewards, rewards), "detection": detection_metrics(visits), "filter_stats": filter_stats,
+        "reward": summary["tuned_mean"], "reward_gain": summary["tuned_mean"] - summary["base_mean"],
+        "win_rate": summary["win_rate"], "win_rate_ci_prompts": summary["win_rate_ci"],
+        "detection": detection_metrics(visits), "filter_stats": filter_stats,
         "images": images, **({"visits": visits} if job["save_visits"] else {}),
     }
 
