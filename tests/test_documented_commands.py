@@ -349,14 +349,21 @@ def run_step_time_flops(commands, fixtures, tmp_path):
 def run_evaluate(commands, fixtures, tmp_path):
     """`trl-adaptive evaluate` on a LoRA trained from the tiny pipeline, with random-weight scorers saved to a folder
     (the Hub's scorers swapped for it with --scorer-path), two sampling steps at 32 px."""
+    from trl_adaptive.evaluation import BUILTIN_PROMPT_SETS
+
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue square\n")
+    weights = {"hpsv2": fixtures["hpsv2"], "hpsv2.1": fixtures["hpsv2"], "imagereward": fixtures["imagereward"]}
     for command in commands:
         tokens = substitute(shlex.split(command.text), fixtures, tmp_path)
         tokens[tokens.index("--model") + 1] = fixtures["lora"]
-        tokens[tokens.index("--prompts") + 1] = str(prompts)
+        if tokens[tokens.index("--prompts") + 1] not in BUILTIN_PROMPT_SETS:  # a built-in set runs as it is
+            tokens[tokens.index("--prompts") + 1] = str(prompts)
+        for option in ("--sample-prompts", "--max-prompts"):  # fewer prompts, same code path
+            if option in tokens:
+                tokens[tokens.index(option) + 1] = "3"
         names = tokens[tokens.index("--scorers") + 1].split(",")
-        paths = [arg for name in names for arg in ("--scorer-path", f"{name}={fixtures['clip']}")]
+        paths = [arg for name in names for arg in ("--scorer-path", f"{name}={weights.get(name, fixtures['clip'])}")]
         run([*tokens, *paths, "--aesthetic-head", fixtures["aesthetic_head"], "--steps", "2", "--resolution", "32",
              "--resamples", "100", "--no-progress"], _environment(tmp_path))  # fmt: skip
         out = Path(tokens[tokens.index("--output-dir") + 1])
@@ -550,13 +557,19 @@ def fixtures(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def evaluation_fixtures(fixtures, tmp_path_factory) -> dict[str, str]:
-    """For `trl-adaptive evaluate`: a LoRA trained two steps from the tiny pipeline, random-weight CLIP scorers."""
+    """For `trl-adaptive evaluate`: a LoRA trained two steps from the tiny pipeline, random-weight CLIP scorers, and
+    random-weight HPSv2 / ImageReward releases in their authors' layouts."""
     from safetensors.torch import save_file
 
     from tiny_setup import lora_config, tiny_args
     from trl_adaptive import AdaptiveDiffusionDPOTrainer
     from trl_adaptive.evaluation.scorers import AestheticHead
-    from trl_adaptive.tiny import tiny_clip_scorer, toy_preference_dataset
+    from trl_adaptive.tiny import (
+        tiny_clip_scorer,
+        tiny_hpsv2_checkpoint,
+        tiny_imagereward_checkpoint,
+        toy_preference_dataset,
+    )
 
     root = tmp_path_factory.mktemp("evaluation")
     trainer = AdaptiveDiffusionDPOTrainer(fixtures["sd"], args=tiny_args(root / "lora"),
@@ -565,7 +578,10 @@ def evaluation_fixtures(fixtures, tmp_path_factory) -> dict[str, str]:
     trainer.save_model()
     clip = tiny_clip_scorer(str(root / "clip"), projection_dim=16)
     save_file(AestheticHead(16).state_dict(), str(root / "head.safetensors"))
-    return {**fixtures, "lora": str(root / "lora"), "clip": clip, "aesthetic_head": str(root / "head.safetensors")}
+    hps = tiny_hpsv2_checkpoint(str(root / "hps"))
+    tiny_hpsv2_checkpoint(hps, seed=1, filename="HPS_v2.1_compressed.pt")
+    return {**fixtures, "lora": str(root / "lora"), "clip": clip, "aesthetic_head": str(root / "head.safetensors"),
+            "hpsv2": hps, "imagereward": tiny_imagereward_checkpoint(str(root / "imagereward"))}
 
 
 @pytest.mark.timeout(1200)

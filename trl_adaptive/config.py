@@ -331,7 +331,8 @@ class AdaptiveDPOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "With eval_prompts: also score the samples with this scorer of trl_adaptive.evaluation (`pickscore`, "
-            "`clip`; `NAME=PATH` loads it from a local folder or Hub id) and log their mean as samples/<NAME>."
+            "`hpsv2`, `hpsv2.1`, `imagereward`, `clip`; `NAME=PATH` loads it from a local folder, file or Hub id) and log "
+            "their mean as samples/<NAME>."
         },
     )
     sample_num_inference_steps: int = field(default=25, metadata={"help": "Sampling steps of the logged images."})
