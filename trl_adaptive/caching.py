@@ -745,6 +745,8 @@ def use_latent_cache(trainer) -> None:
     if trainer.train_dataset is not None:
         trainer.train_dataset = cached(trainer.train_dataset)
         empty_text = trainer.train_dataset.empty_prompt_text()
+        if trainer.dataset_info is not None and trainer.dataset_info.get("num_rows") is None:  # a stream, now counted
+            trainer.dataset_info["num_rows"] = len(trainer.train_dataset)
     if isinstance(trainer.eval_dataset, dict):
         trainer.eval_dataset = {name: cached(ds) for name, ds in trainer.eval_dataset.items()}
         empty_text = empty_text or next(iter(trainer.eval_dataset.values())).empty_prompt_text()

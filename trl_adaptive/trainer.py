@@ -30,7 +30,7 @@ from .callbacks import (
     use_diffusers_tensorboard,
 )
 from .config import AdaptiveDPOConfig
-from .data import PreferenceCollator, dataset_columns, detect_schema, prepare_preference_dataset
+from .data import PreferenceCollator, dataset_columns, detect_schema, is_streamed, prepare_preference_dataset
 from .distributed import prepare_reference_model
 from .families import family_for, load_pipeline, replace_vae
 from .forwards import PairForwards
@@ -102,6 +102,13 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
         self.ref_model = self._prepare_reference(ref_model, denoiser, peft_config)
 
         self.dataset_info = None
+        if is_streamed(train_dataset) and args.cache_dir is None and args.world_size > 1:
+            # accelerate would dispatch the stream's batches from the main process, and cannot send the prompts.
+            raise ValueError(
+                f"A streamed train_dataset trains on {args.world_size} processes only through the latent cache: set "
+                "cache_dir (every process then encodes its share of the stream, and training reads the cache), or "
+                "train on one process, or pass a map-style datasets.Dataset."
+            )
         if train_dataset is not None:
             train_dataset, self.dataset_info = self._prepare_dataset(train_dataset, args, "train")
             if self.dataset_info.get("streamed"):
