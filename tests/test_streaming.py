@@ -7,7 +7,6 @@ import filecmp
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
