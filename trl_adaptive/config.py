@@ -351,7 +351,7 @@ class AdaptiveDPOConfig(TrainingArguments):
         default=1024,
         metadata={
             "help": "With cache_dir: source rows per block of the cache build. Block k is encoded by process "
-            "k % world_size (all processes of all nodes encode at once), is written as one file, and is the unit an "
+            "k mod world_size (all processes of all nodes encode at once), is written as one file, and is the unit an "
             "interrupted build resumes from. A build keeps the block size it started with. The builder holds one "
             "block of latents in host memory (1024 SDXL pairs at 1024 px with latent_sampling='sample': 512 MiB)."
         },
