@@ -7,8 +7,9 @@ build). Kept out of pytest's collection (no `test_` prefix).
 
 Every process reads the stream; together they build the cache (each its own blocks), then train 4 steps with a
 checkpoint at step 2, then a fresh trainer resumes from that checkpoint and trains steps 3-4 again. Each process
-writes the rows it was given per step (``rows-<rank>.json``); the main process writes ``result.json`` (cache folder,
-largest difference between the uninterrupted and the resumed LoRA weights).
+writes the rows it was given per step and the error it saw when process 1 failed a build step (``rows-<rank>.json``);
+the main process writes ``result.json`` (cache folder, largest difference between the uninterrupted and the resumed
+LoRA weights).
 """
 
 from __future__ import annotations
@@ -80,6 +81,23 @@ def _lora_weights(trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _error_met_by_process_1(rank: int) -> str | None:
+    """What each process sees when process 1 meets a bad row during a cache build step (`caching._together`): the
+    error, on every process, instead of process 0 waiting for process 1 forever."""
+    from trl_adaptive.caching import _together
+
+    def step():
+        if rank == 1:
+            raise ValueError("row 5, column 'jpg_1': cannot decode image")
+        return "fine"
+
+    try:
+        _together(step, int(os.environ.get("WORLD_SIZE", 1)))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, PartialState
 
@@ -107,7 +125,9 @@ def main() -> None:
         del trainer
         _reset_accelerate()
     if not options.build_only:
-        Path(options.out, f"rows-{rank}.json").write_text(json.dumps({k: v["rows"] for k, v in runs.items()}))
+        record = {k: v["rows"] for k, v in runs.items()}
+        record["error_from_other_process"] = _error_met_by_process_1(rank)
+        Path(options.out, f"rows-{rank}.json").write_text(json.dumps(record))
         if rank == 0:
             a, b = runs["uninterrupted"]["weights"], runs["resumed"]["weights"]
             result = {

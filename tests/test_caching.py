@@ -259,3 +259,11 @@ def test_stream_and_map_style_dataset_give_the_same_tensors(tmp_path):
     tensors = [name for name in streamed if name.endswith(".safetensors")]
     assert len(tensors) >= 5 and all(streamed[n] == mapped[n] for n in tensors)  # ... the same rows and text
     assert len(caches[0]) == 30 - 3 and caches[0].num_source_rows == 30
+
+
+def test_build_progress_counts_finished_blocks_with_images_per_second(dataset, tmp_path, capsys):
+    open_or_build_cache(_family(), dataset, str(tmp_path), model_name="tiny", resolution=RESOLUTION, random_flip=True,
+                        batch_size=2, block_rows=2, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    # 6 source rows in 3 blocks of 2, a known total (map-style): rows counted, encode rate with both flips
+    assert bar.startswith("Caching latents") and "6/6" in bar and "images/s" in bar and "row" in bar

@@ -173,7 +173,8 @@ def test_stream_without_cache_on_several_processes_is_refused_before_training(pa
 def test_two_processes_build_the_stream_cache_train_and_resume_matching_one_process(tmp_path):
     """Done-when of issue 20: a few hundred streamed Pick-a-Pic-format rows, cached by two processes (each its own
     blocks), trained under two processes with a checkpoint, resumed; the cache is byte-identical to a one-process
-    build, the resumed run ends with the uninterrupted run's weights, the two processes got disjoint rows."""
+    build, the resumed run ends with the uninterrupted run's weights, the two processes got disjoint rows; an error
+    of one process in a build step is raised on both."""
     from test_distributed import _environment, _free_port, _run
     from streaming_worker import make_trainer
 
@@ -204,3 +205,6 @@ def test_two_processes_build_the_stream_cache_train_and_resume_matching_one_proc
     assert not rows[0] & rows[1] and len(rows[0]) == len(rows[1]) == 8  # each process its own share of the batch
     for r in ranks:  # the resumed run got exactly the batches the uninterrupted one had from step 3 on
         assert r["resumed"][:2] == r["uninterrupted"][2:4]
+    # A bad row met by one process during a build stops both, with its row and column (no process left waiting).
+    assert ranks[0]["error_from_other_process"] == "latent cache build failed on process 1: row 5, column 'jpg_1': cannot decode image"
+    assert ranks[1]["error_from_other_process"] == "row 5, column 'jpg_1': cannot decode image"
