@@ -48,7 +48,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from transformers.utils import logging
+
 from .data import PreferenceCollator, PreferenceSchema, dataset_columns, detect_schema, is_streamed
+
+logger = logging.get_logger(__name__)
 
 #: Bump when the preprocessing of images or prompts, or the layout, changes, so that older caches are not reused.
 CACHE_FORMAT_VERSION = 2
@@ -339,8 +343,6 @@ def _collate(collator: PreferenceCollator, rows: list[dict], skip_bad_rows: bool
     except ValueError:
         if not skip_bad_rows:
             raise
-    from .data import logger
-
     kept = []
     for row in rows:
         try:
