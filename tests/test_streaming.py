@@ -156,10 +156,13 @@ def test_training_from_a_stream_without_cache_resumes_exactly(parquet_dir, tmp_p
     torch.testing.assert_close(resumed["history"].total, history.total)
 
 
-def test_stream_without_cache_on_several_processes_is_refused_before_training(parquet_dir, tmp_path, monkeypatch):
+def test_stream_without_cache_on_several_processes_or_workers_is_refused_before_training(parquet_dir, tmp_path, monkeypatch):
     from trl_adaptive import AdaptiveDPOConfig
 
     args = tiny_args(tmp_path / "run", max_steps=2)
+    with pytest.raises(ValueError, match="without cache_dir needs dataloader_num_workers=0 \\(got 2\\)"):
+        AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=tiny_args(tmp_path / "run", dataloader_num_workers=2),
+                                    train_dataset=_stream(parquet_dir), peft_config=lora_config())
     monkeypatch.setattr(AdaptiveDPOConfig, "world_size", property(lambda self: 2))
     with pytest.raises(ValueError, match="streamed train_dataset trains on 2 processes only through the latent cache"):
         AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=args, train_dataset=_stream(parquet_dir),

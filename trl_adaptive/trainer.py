@@ -109,6 +109,15 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
                 "cache_dir (every process then encodes its share of the stream, and training reads the cache), or "
                 "train on one process, or pass a map-style datasets.Dataset."
             )
+        streamed = [name for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
+                    if is_streamed(data)]
+        if streamed and args.cache_dir is None and args.dataloader_num_workers > 0:
+            # DataLoader workers would each read a share of the stream's files, numbering their rows from 0.
+            raise ValueError(
+                f"A streamed {streamed[0]} without cache_dir needs dataloader_num_workers=0 (got "
+                f"{args.dataloader_num_workers}): workers would each read part of the stream and give its rows "
+                "colliding row_index values. Set cache_dir (training then reads the cache, with workers) or 0 workers."
+            )
         if train_dataset is not None:
             train_dataset, self.dataset_info = self._prepare_dataset(train_dataset, args, "train")
             if self.dataset_info.get("streamed"):
