@@ -185,3 +185,85 @@ def test_training_from_cache_equals_training_from_pixels(dataset, tmp_path, late
     from_cache.train()
     after = dict(from_cache.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+# ---- blocks: parallel builds, interrupted builds, streams -----------------------------------------------------------
+
+
+def _folder_bytes(folder) -> dict[str, bytes]:
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+def test_interrupted_build_resumes_from_its_finished_blocks(tmp_path):
+    """Process 0 of a two-process build finished its blocks (0, 2, 4) and the run stopped; a one-process build then
+    encodes only the other blocks and gives the bytes of an uninterrupted build."""
+    from trl_adaptive.caching import encode_row_blocks
+
+    data, _ = prepare_preference_dataset(toy_preference_dataset(num_pairs=20, size=40, seed=3))
+    family = _family()
+    settings = _settings(family, data)
+    folder = tmp_path / "resumed" / cache_key(settings)
+    partial = f"{folder}.partial"
+    os.makedirs(partial)
+    build = dict(batch_size=2, block_rows=4)
+    from trl_adaptive.caching import _save_json
+
+    _save_json({"block_rows": 4, "batch_size": 2}, os.path.join(partial, "build.json"))  # as build_cache writes
+    encode_row_blocks(family, data, partial, settings, rank=0, world_size=2, **build)
+    assert sorted(f for f in os.listdir(partial) if f.endswith(".json")) == [
+        "build.json", "rows-00000.json", "rows-00002.json", "rows-00004.json"]
+    encoded = []
+    cache_images = family.cache_images
+    family.cache_images = lambda pixels: encoded.append(len(pixels)) or cache_images(pixels)
+    resumed = open_or_build_cache(family, data, str(tmp_path / "resumed"), model_name="tiny", resolution=RESOLUTION,
+                                  random_flip=False, batch_size=5, block_rows=99)  # the started build's sizes win
+    assert sum(encoded) == 2 * 8  # blocks 1 and 3: 8 pairs, both images each
+    assert not os.path.exists(partial) and resumed.manifest["block_rows"] == 4
+    family.cache_images = cache_images
+    fresh = open_or_build_cache(family, data, str(tmp_path / "fresh"), model_name="tiny", resolution=RESOLUTION,
+                                random_flip=False, **build)
+    assert _folder_bytes(resumed.folder) == _folder_bytes(fresh.folder)
+    assert [int(fresh[i]["row_index"]) for i in range(len(fresh))] == data["row_index"]
+
+
+def test_bad_image_met_by_the_build_is_named_before_training(tmp_path):
+    import datasets
+
+    rows = toy_preference_dataset(num_pairs=6, size=40, seed=3).to_list()
+    rows[4]["jpg_1"] = b"not an image"
+    data, _ = prepare_preference_dataset(datasets.Dataset.from_list(rows))  # labels fine; images checked at encoding
+    family = _family()
+    with pytest.raises(ValueError, match=r"row 4, column 'jpg_1': cannot decode image"):
+        open_or_build_cache(family, data, str(tmp_path), model_name="tiny", resolution=RESOLUTION, random_flip=False,
+                            batch_size=2, block_rows=4)
+    cache = open_or_build_cache(family, data, str(tmp_path), model_name="tiny", resolution=RESOLUTION,
+                                random_flip=False, batch_size=2, block_rows=4, skip_bad_rows=True)
+    assert [int(cache[i]["row_index"]) for i in range(len(cache))] == [0, 1, 2, 3, 5]
+
+
+def test_stream_and_map_style_dataset_give_the_same_tensors(tmp_path):
+    from datasets import load_dataset
+
+    from trl_adaptive.tiny import write_pickapic_parquet
+
+    files = write_pickapic_parquet(str(tmp_path / "data"), num_rows=30, num_files=2, seed=0)
+    family = _family()
+    caches = []
+    for streaming in (True, False):
+        data = load_dataset("parquet", data_files={"train": files}, split="train", streaming=streaming)
+        data, _ = prepare_preference_dataset(data)
+        caches.append(open_or_build_cache(family, data, str(tmp_path / f"cache-{streaming}"), model_name="tiny",
+                                          resolution=RESOLUTION, random_flip=False, batch_size=4, block_rows=8))
+    streamed, mapped = (_folder_bytes(c.folder) for c in caches)
+    assert caches[0].key != caches[1].key  # different fingerprints ...
+    tensors = [name for name in streamed if name.endswith(".safetensors")]
+    assert len(tensors) >= 5 and all(streamed[n] == mapped[n] for n in tensors)  # ... the same rows and text
+    assert len(caches[0]) == 30 - 3 and caches[0].num_source_rows == 30
+
+
+def test_build_progress_counts_finished_blocks_with_images_per_second(dataset, tmp_path, capsys):
+    open_or_build_cache(_family(), dataset, str(tmp_path), model_name="tiny", resolution=RESOLUTION, random_flip=True,
+                        batch_size=2, block_rows=2, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    # 6 source rows in 3 blocks of 2, a known total (map-style): rows counted, encode rate with both flips
+    assert bar.startswith("Caching latents") and "6/6" in bar and "images/s" in bar and "row" in bar

@@ -188,14 +188,14 @@ def _executable(name: str) -> str:
 
 
 def substitute(tokens: list[str], fixtures: dict[str, str], tmp_path: Path) -> list[str]:
-    """Hub ids and placeholder paths swapped for local stand-ins; output folders moved under `tmp_path`."""
+    """Hub ids and placeholder paths swapped for local stand-ins; output and cache folders moved under `tmp_path`."""
     out = []
     for i, token in enumerate(tokens):
         if token in HUB_MODELS:
             token = fixtures[HUB_MODELS[token]]
         elif token in DATASETS:
             token = fixtures["pairs"]
-        elif i > 0 and tokens[i - 1] in ("--output_dir", "--output-dir") and not os.path.isabs(token):
+        elif i > 0 and tokens[i - 1] in ("--output_dir", "--output-dir", "--cache_dir") and not os.path.isabs(token):
             token = str(tmp_path / token)
         out.append(token)
     return out
@@ -287,15 +287,27 @@ def _config(tokens: list[str]) -> dict:
     return yaml.safe_load((REPO_ROOT / tokens[tokens.index("--config") + 1]).read_text())
 
 
+def _one_node_arguments(where: str, fixtures, tmp_path) -> list[str]:
+    """The script arguments of the last one-node `accelerate launch --config_file` command before `where` in its file
+    (what the multi-node command's "...same arguments..." stands for), after the script or `-m module command`."""
+    file, line = where.rsplit(":", 1)
+    before = [c for c in ASSIGNED["accelerate-config"].commands
+              if c.where.rsplit(":", 1)[0] == file and int(c.where.rsplit(":", 1)[1]) < int(line)]
+    one_node = max(before, key=lambda c: int(c.where.rsplit(":", 1)[1]))
+    tokens = substitute(shlex.split(one_node.text), fixtures, tmp_path)
+    at = next(i for i, t in enumerate(tokens) if t.endswith(".py") or t == "-m")
+    arguments = tokens[at + (1 if tokens[at].endswith(".py") else 3):]
+    if "--model_name_or_path" not in arguments and tokens[at] == "-m":  # the YAML names a Hub id
+        arguments += ["--model_name_or_path", fixtures[HUB_MODELS.get(_config(tokens).get("model_name_or_path"), "sd")]]
+    return arguments
+
+
 def run_multi_node(commands, fixtures, tmp_path):
     """Two "nodes" on this machine, one process each, rendezvous on localhost; the script arguments are those of
-    the one-node command before it (its "...same arguments...")."""
-    one_node = next(c for c in ASSIGNED["accelerate-config"].commands
-                    if c.where.startswith("docs/distributed.md"))
-    script_args = substitute(shlex.split(one_node.text), fixtures, tmp_path)
-    script_args = script_args[next(i for i, t in enumerate(script_args) if t.endswith(".py")) + 1:]
-    for command in commands:
-        port, out = _free_port(), tmp_path / "multi-node"
+    the one-node command before it in the same file (its "...same arguments...")."""
+    for k, command in enumerate(commands):
+        script_args = _one_node_arguments(command.where, fixtures, tmp_path)
+        port, out = _free_port(), tmp_path / f"multi-node-{k}"
         processes = []
         for rank in (0, 1):
             text = command.text.replace("$NODE_RANK", str(rank)).replace("$NODE0_ADDRESS", "127.0.0.1")
@@ -306,7 +318,9 @@ def run_multi_node(commands, fixtures, tmp_path):
             argv = [_executable("accelerate"), *tokens[1:], *script_args, *TRAIN_SIZE_FLAGS,
                     "--per_device_train_batch_size", "1", "--output_dir", str(out),
                     "--ddp_backend", "gloo"]  # fmt: skip  (gloo: CPU processes; on GPUs accelerate picks NCCL)
-            processes.append(subprocess.Popen(argv, env=_environment(tmp_path), cwd=REPO_ROOT, text=True,
+            # MULTI_GPU without GPUs: run on the CPU (as `_accelerate_launch` does for one node).
+            extra = {"ACCELERATE_USE_CPU": "true"} if "multi_gpu.yaml" in command.text else {}
+            processes.append(subprocess.Popen(argv, env=_environment(tmp_path, **extra), cwd=REPO_ROOT, text=True,
                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         outputs = [p.communicate(timeout=600)[0] for p in processes]
         for p, output in zip(processes, outputs):

@@ -6,41 +6,62 @@ trains from the stored tensors (see docs/caching.md for what augmentation surviv
 
 Layout of one cache (a sub-folder of ``cache_dir`` named by its key)::
 
-    manifest.json             key, the settings that made it, tensor names, shard list, "complete": true
-    rows-00000.safetensors    per pair, in dataset order: posterior mean/std of the chosen and rejected latents (and
-                              of their mirror images with random_flip), prompt_index, row_index, original sizes and
-                              crops (SDXL conditions on them), flipped (when the dataset has that column)
+    manifest.json             key, the settings that made it, shard lists, "complete": true
+    rows-00000.safetensors    block 0 (source rows 0 .. block_rows - 1), its kept pairs in order: posterior mean/std
+                              of the chosen and rejected latents (and of their mirror images with random_flip),
+                              row_index, original sizes and crops (SDXL conditions on them), flipped (when the
+                              dataset has that column)
+    rows-00000.json           block 0's record: its number of pairs and their prompts (written last: "block done")
     text-00000.safetensors    per unique prompt: whatever `family.cache_text` returns (``prompt_embeds`` for SD)
+    prompt_index.safetensors  per pair, the row of its prompt in the text shards
     prompts.json              the unique prompts, in the order of the text rows ("" always included)
+
+The rows are cut into blocks of ``block_rows`` consecutive *source* rows (by ``row_index``), and block k is encoded by
+process ``k % world_size``: every process of every node encodes its own blocks at once, and the blocks (encoded in
+the same batches whatever the number of processes) make the same files on 1 or N processes. The text shards are
+split the same way once all blocks are done. Everything is written into ``<key>.partial``, each file by an atomic
+rename, so an interrupted build resumes from its finished blocks; the main process writes the manifest and renames
+the folder to ``<key>`` only when every block and text shard exists.
 
 The key is a SHA-256 of everything the tensors depend on: the family and pipeline class, the model name, the config
 *and weights* of every frozen module (VAE, text encoders) and the tokenizers' vocabularies, the resolution, crop and
 flip settings, the latent sampling mode and the dataset's fingerprint (``datasets.Dataset._fingerprint``, which
-changes with any `map`/`select`, so dropped ties or flipped labels give a new key). A cache is only ever opened
-through its key, so a stale one is never used: a changed setting gives a new folder, and opening a folder whose
-manifest has another key raises. A cache is written to a temporary folder and renamed into place when complete,
-so an interrupted build is never read.
+changes with any `map`/`select`, so dropped ties or flipped labels give a new key; for a stream, `stream_fingerprint`).
+A cache is only ever opened through its key, so a stale one is never used: a changed setting gives a new folder, and
+opening a folder whose manifest has another key raises.
 """
 
 from __future__ import annotations
 
+import bisect
+import glob
 import hashlib
 import json
+import math
 import os
 import shutil
-from typing import Any
+import time
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import PreferenceCollator, PreferenceSchema, detect_schema
+from transformers.utils import logging
 
-#: Bump when the preprocessing of images or prompts changes, so that older caches are not reused.
-CACHE_FORMAT_VERSION = 1
+from .data import PreferenceCollator, PreferenceSchema, dataset_columns, detect_schema, is_streamed
+
+logger = logging.get_logger(__name__)
+
+#: Bump when the preprocessing of images or prompts, or the layout, changes, so that older caches are not reused.
+CACHE_FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 PROMPTS_FILE = "prompts.json"
+PROMPT_INDEX_FILE = "prompt_index.safetensors"
+BUILD_FILE = "build.json"
+#: Source rows per block (the unit of work of a parallel build, and of resuming one).
+DEFAULT_BLOCK_ROWS = 1024
 SIDES = ("chosen", "rejected")
 #: Per-pair tensors the collator copies through unchanged (besides latents and text).
 PASSTHROUGH_FIELDS = (
@@ -51,7 +72,6 @@ PASSTHROUGH_FIELDS = (
     "crop_top_left_rejected",
     "flipped",
 )
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The key
@@ -78,7 +98,10 @@ def _config_dict(module) -> dict:
         return {}
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     # Paths and versions describe where a model came from, not what it computes; the weights hash covers identity.
-    return {k: v for k, v in config.items() if k not in ("_name_or_path", "_diffusers_version", "transformers_version")}
+    # `_use_default_values` is a list made from a set: its order changes with the process's hash seed, so two
+    # processes of one run would compute different keys.
+    dropped = ("_name_or_path", "_diffusers_version", "transformers_version", "_use_default_values")
+    return {k: v for k, v in config.items() if k not in dropped}
 
 
 def _tokenizer_identity(tokenizer) -> dict:
@@ -91,14 +114,81 @@ def _tokenizer_identity(tokenizer) -> dict:
     }
 
 
-def cache_settings(family, dataset, *, model_name: str | None, resolution: int, random_flip: bool) -> dict:
-    """Everything the cached tensors depend on, as a JSON-able dict (stored in the manifest)."""
+
+def _file_identity(path) -> Any:
+    """A source file as the key sees it: local files by path, size and modification time; anything else (a URL,
+    which on the Hub names the revision) by its text."""
+    path = str(path)
+    if os.path.isfile(path):
+        stat = os.stat(path)
+        return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+    return path
+
+
+def _source_identity(value) -> Any:
+    """What a stream's source is made of: files (`_file_identity`), map-style datasets (`to_iterable_dataset`) by
+    their fingerprint, anything else by its text."""
+    if isinstance(value, (list, tuple)):
+        return [_source_identity(v) for v in value]
+    if hasattr(value, "_fingerprint"):
+        return value._fingerprint
+    if isinstance(value, (str, os.PathLike)):
+        return _file_identity(value)
+    return repr(value)
+
+
+def stream_fingerprint(dataset) -> str:
+    """An identity of a `datasets.IterableDataset` (which has no `_fingerprint`), for the cache key: its source files
+    (`_file_identity`), its features, and every step applied to it: the step's type, its function hashed by
+    `datasets.fingerprint.Hasher` (as `datasets` hashes the functions of `map`) and its arguments. A changed file, a
+    different `map`/`filter` (flipped labels, ties kept) or another order gives another fingerprint."""
+    from datasets.fingerprint import Hasher
+
+    def describe(node) -> Any:
+        if node is None:
+            return None
+        part: dict[str, Any] = {"type": type(node).__name__}
+        for name in ("function", "mask_function", "fn_kwargs", "batched", "batch_size", "with_indices",
+                     "input_columns", "remove_columns", "n", "generator"):
+            if hasattr(node, name):
+                value = getattr(node, name)
+                if isinstance(value, np.random.Generator):
+                    value = value.bit_generator.state
+                part[name] = Hasher.hash(value)
+        kwargs = getattr(node, "kwargs", None)
+        if isinstance(kwargs, dict):
+            part["source"] = {k: _source_identity(v) for k, v in kwargs.items()}
+        if hasattr(node, "ex_iterables"):
+            part["inputs"] = [describe(child) for child in node.ex_iterables]
+        part["input"] = describe(getattr(node, "ex_iterable", None))
+        return part
+
+    shuffling = getattr(dataset, "_shuffling", None)
+    description = {
+        "steps": describe(dataset._ex_iterable),
+        "features": repr(dataset.features),
+        "shuffling": None if shuffling is None else Hasher.hash(shuffling.generator.bit_generator.state),
+        "distributed": repr(getattr(dataset, "_distributed", None)),
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def dataset_fingerprint(dataset) -> str:
+    """`datasets.Dataset._fingerprint`, or `stream_fingerprint` for a `datasets.IterableDataset`."""
+    if is_streamed(dataset):
+        return stream_fingerprint(dataset)
     fingerprint = getattr(dataset, "_fingerprint", None)
     if fingerprint is None:
         raise ValueError(
-            "cache_dir needs a datasets.Dataset: its fingerprint is part of the cache key, and "
-            f"{type(dataset).__name__} has none"
+            "cache_dir needs a datasets.Dataset or datasets.IterableDataset: its fingerprint is part of the cache key, "
+            f"and {type(dataset).__name__} has none"
         )
+    return fingerprint
+
+
+def cache_settings(family, dataset, *, model_name: str | None, resolution: int, random_flip: bool) -> dict:
+    """Everything the cached tensors depend on, as a JSON-able dict (stored in the manifest)."""
+    fingerprint = dataset_fingerprint(dataset)
     modules = {
         name: {"class": type(module).__name__, "config": _config_dict(module), "weights_sha256": module_fingerprint(module)}
         for name, module in sorted(family.frozen_modules().items())
@@ -120,7 +210,7 @@ def cache_settings(family, dataset, *, model_name: str | None, resolution: int, 
         "flip_variants": bool(random_flip),
         "latent_sampling": "sample" if family.sample_latents else "mean",
         "dataset_fingerprint": fingerprint,
-        "num_rows": len(dataset),
+        "num_rows": None if is_streamed(dataset) else len(dataset),
     }
 
 
@@ -129,49 +219,39 @@ def cache_key(settings: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sharded tensor storage
+# Files
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _ShardWriter:
-    """Appends batches of named tensors (same leading dimension) and writes a safetensors file every `shard_rows`."""
+def _replace_into(path: str, write: Callable[[str], None]) -> None:
+    """Write a file through a temporary name and rename it into place: a reader never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
 
-    def __init__(self, folder: str, prefix: str, shard_rows: int):
-        self.folder, self.prefix, self.shard_rows = folder, prefix, shard_rows
-        self.pending: dict[str, list[torch.Tensor]] = {}
-        self.pending_rows = 0
-        self.shards: list[dict] = []
-        self.rows = 0
 
-    def append(self, tensors: dict[str, torch.Tensor]) -> None:
-        lengths = {t.shape[0] for t in tensors.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"cache tensors of one batch have different lengths: { {k: t.shape for k, t in tensors.items()} }")
-        if self.pending and set(tensors) != set(self.pending):
-            raise ValueError(f"cache tensor names changed from {sorted(self.pending)} to {sorted(tensors)}")
-        for name, tensor in tensors.items():
-            self.pending.setdefault(name, []).append(tensor.detach().cpu())
-        self.pending_rows += lengths.pop()
-        if self.pending_rows >= self.shard_rows:
-            self._flush()
+def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    _replace_into(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
 
-    def _flush(self) -> None:
-        if not self.pending_rows:
-            return
-        tensors = {name: torch.cat(parts).contiguous() for name, parts in self.pending.items()}
-        file = f"{self.prefix}-{len(self.shards):05d}.safetensors"
-        save_file(tensors, os.path.join(self.folder, file))
-        self.shards.append({"file": file, "start": self.rows, "stop": self.rows + self.pending_rows})
-        self.rows += self.pending_rows
-        self.pending, self.pending_rows = {}, 0
 
-    def close(self) -> list[dict]:
-        self._flush()
-        return self.shards
+def _save_json(value, path: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=1, default=str)
+
+    _replace_into(path, write)
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
 class _ShardReader:
-    """Reads rows of sharded safetensors files through memory maps, opened lazily (DataLoader workers re-open)."""
+    """Reads rows of sharded safetensors files through memory maps, opened lazily (DataLoader workers re-open).
+
+    Host memory per reader: the shard list and one open handle per shard touched; the tensors are read from the
+    memory map row by row (the page cache holds what was read, not the process)."""
 
     def __init__(self, folder: str, shards: list[dict]):
         self.folder, self.shards = folder, shards
@@ -187,7 +267,7 @@ class _ShardReader:
     def _locate(self, index: int) -> tuple[Any, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"cache row {index} out of range [0, {len(self)})")
-        shard = max(i for i, start in enumerate(self.starts) if start <= index)
+        shard = bisect.bisect_right(self.starts, index) - 1
         if shard not in self._handles:
             path = os.path.join(self.folder, self.shards[shard]["file"])
             self._handles[shard] = safe_open(path, framework="pt")
@@ -199,7 +279,7 @@ class _ShardReader:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Building and opening
+# Building: every process encodes its own blocks
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -208,7 +288,249 @@ def _unique_prompts(prompts: list[str]) -> list[str]:
     return unique if "" in unique else unique + [""]
 
 
-@torch.no_grad()
+def _block_name(block: int) -> str:
+    return f"rows-{block:05d}"
+
+
+def _together(step: Callable[[], Any], world_size: int) -> list[Any]:
+    """Run `step` on every process and gather the results; if it raised on any process, raise on all of them (a
+    bad row met by one process must not leave the others waiting for it)."""
+    try:
+        outcome = (step(), None)
+    except Exception as err:  # reported to the other processes, then raised here unchanged
+        if world_size == 1:
+            raise
+        outcome, own_error = (None, (type(err).__name__, str(err))), err
+    else:
+        own_error = None
+    outcomes = [outcome]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        outcomes = [None] * world_size
+        dist.all_gather_object(outcomes, outcome)
+    if own_error is not None:
+        raise own_error
+    for rank, (_, error) in enumerate(outcomes):
+        if error is not None:
+            kind = ValueError if error[0] == "ValueError" else RuntimeError
+            raise kind(f"latent cache build failed on process {rank}: {error[1]}")
+    return [result for result, _ in outcomes]
+
+
+def _rows_of_blocks(dataset, block_rows: int, wanted: Callable[[int], bool], seen: list[int]) -> Iterator[tuple[int, dict]]:
+    """``(block, row)`` for every row whose block `wanted` accepts, in order; ``seen[0]`` ends as 1 + the largest
+    ``row_index`` (so every process learns the number of blocks). A stream is read whole by every process (rows of
+    other blocks are skipped before their images are decoded); a map-style dataset is indexed directly."""
+    if is_streamed(dataset):
+        for row in dataset:
+            index = int(row["row_index"])
+            seen[0] = max(seen[0], index + 1)
+            if wanted(index // block_rows):
+                yield index // block_rows, row
+        return
+    indices = dataset["row_index"]
+    seen[0] = max(seen[0], max(indices) + 1 if len(indices) else 0)
+    for position, index in enumerate(indices):
+        if wanted(index // block_rows):
+            yield index // block_rows, dataset[position]
+
+
+def _collate(collator: PreferenceCollator, rows: list[dict], skip_bad_rows: bool) -> dict | None:
+    """The batch of `rows`; with `skip_bad_rows`, rows whose images cannot be decoded are dropped with a warning."""
+    try:
+        return collator(rows)
+    except ValueError:
+        if not skip_bad_rows:
+            raise
+    kept = []
+    for row in rows:
+        try:
+            collator([row])
+            kept.append(row)
+        except ValueError as err:
+            logger.warning(f"skip_bad_rows: dropped {err}")
+    return collator(kept) if kept else None
+
+
+def _encode_batch(family, batch: dict, with_flips: bool) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for side in SIDES:
+        pixels = batch[f"pixel_values_{side}"]
+        variants = {side: pixels, f"{side}_flipped": pixels.flip(-1)} if with_flips else {side: pixels}
+        for variant, images in variants.items():
+            for stat, value in family.cache_images(images).items():
+                tensors[f"{variant}.{stat}"] = value.detach().cpu()
+    for name in PASSTHROUGH_FIELDS:
+        if name in batch:
+            tensors[name] = batch[name]
+    return tensors
+
+
+class _BuildProgress:
+    """The main process's progress bar over source rows, counted from the blocks every process has finished (each
+    block record read once), with the encode rate in images/s; the ETA comes with a known total."""
+
+    def __init__(self, folder: str, total_rows: int | None, block_rows: int, images_per_pair: int, enabled: bool):
+        self.folder, self.block_rows, self.images_per_pair = folder, block_rows, images_per_pair
+        self.counted: set[str] = set(glob.glob(os.path.join(folder, "rows-*.json")))  # finished before this run
+        self.rows = self.pairs = 0
+        self.start = self.last = time.monotonic()
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_rows, desc="Caching latents", unit="row", initial=len(self.counted) * block_rows)
+
+    def poll(self, force: bool = False) -> None:
+        if self.bar is None or (not force and time.monotonic() - self.last < 2.0):
+            return
+        self.last = time.monotonic()
+        new = sorted(set(glob.glob(os.path.join(self.folder, "rows-*.json"))) - self.counted)
+        for path in new:
+            self.counted.add(path)
+            self.pairs += _read_json(path)["rows"]
+        self.bar.update(len(new) * self.block_rows)
+        elapsed = max(self.last - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.pairs * self.images_per_pair / elapsed:.1f} images/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.poll(force=True)
+            self.bar.close()
+
+
+def encode_row_blocks(
+    family, dataset, partial: str, settings: dict, *, rank: int = 0, world_size: int = 1, batch_size: int = 8,
+    block_rows: int = DEFAULT_BLOCK_ROWS, skip_bad_rows: bool = False, progress: bool = False,
+) -> int:
+    """Encode this process's blocks (block k belongs to process ``k % world_size``) that are not finished yet into
+    `partial`; returns 1 + the largest ``row_index`` of the dataset (every process sees it).
+
+    A block's rows are batched from the block's start, so a block's bytes do not depend on the number of processes.
+    Host memory: one batch of rows and one block of latents."""
+    schema = detect_schema(dataset_columns(dataset))
+    collator = PreferenceCollator(schema, settings["resolution"])  # centre crop, no flip, no prompt dropout
+    with_flips = settings["flip_variants"]
+    done = {int(os.path.basename(p)[len("rows-"):-len(".json")]) for p in glob.glob(os.path.join(partial, "rows-*.json"))}
+    total = None if is_streamed(dataset) else (max(dataset["row_index"]) + 1 if len(dataset) else 0)
+    if total is None:
+        splits = getattr(getattr(dataset, "info", None), "splits", None) or {}
+        split = splits.get(str(getattr(dataset, "split", None))) if hasattr(splits, "get") else None
+        total = getattr(split, "num_examples", None) or None
+    bar = _BuildProgress(partial, total, block_rows, 2 * (1 + with_flips), progress)
+    seen = [0]
+    block, pending, parts, prompts = None, [], [], []
+
+    def encode_pending():
+        batch = _collate(collator, pending, skip_bad_rows) if pending else None
+        if batch is not None:
+            parts.append(_encode_batch(family, batch, with_flips))
+            prompts.extend(batch["prompts"])
+        pending.clear()
+
+    def finish_block():
+        encode_pending()
+        file = None
+        if parts:
+            file = f"{_block_name(block)}.safetensors"
+            _save_tensors({name: torch.cat([p[name] for p in parts]) for name in parts[0]}, os.path.join(partial, file))
+        _save_json({"block": block, "rows": len(prompts), "file": file, "prompts": prompts},
+                   os.path.join(partial, f"{_block_name(block)}.json"))
+        parts.clear()
+        prompts.clear()
+        bar.poll(force=True)
+
+    def mine(k: int) -> bool:
+        return k % world_size == rank and k not in done
+
+    with torch.no_grad():
+        for k, row in _rows_of_blocks(dataset, block_rows, mine, seen):
+            if k != block:
+                if block is not None:
+                    finish_block()
+                block = k
+            pending.append(row)
+            if len(pending) == batch_size:
+                encode_pending()
+            bar.poll()
+        if block is not None:
+            finish_block()
+    # Blocks of this process with no kept row (all ties, or past the data's end of another process's view) get an
+    # empty record, so that the commit finds every block.
+    for k in range(math.ceil(seen[0] / block_rows)):
+        if mine(k) and not os.path.isfile(os.path.join(partial, f"{_block_name(k)}.json")):
+            _save_json({"block": k, "rows": 0, "file": None, "prompts": []}, os.path.join(partial, f"{_block_name(k)}.json"))
+    bar.close()
+    return seen[0]
+
+
+def _block_records(partial: str, num_blocks: int) -> list[dict]:
+    records = []
+    for k in range(num_blocks):
+        path = os.path.join(partial, f"{_block_name(k)}.json")
+        if not os.path.isfile(path):
+            raise RuntimeError(f"latent cache build: block {k} ({path}) is missing after every process finished")
+        records.append(_read_json(path))
+    return records
+
+
+def encode_text_shards(family, unique: list[str], partial: str, *, rank: int = 0, world_size: int = 1,
+                       batch_size: int = 8, block_rows: int = DEFAULT_BLOCK_ROWS) -> None:
+    """Encode this process's text shards (shard j: unique prompts ``j * block_rows ...``, process ``j % world_size``)."""
+    with torch.no_grad():
+        for j, start in enumerate(range(0, len(unique), block_rows)):
+            path = os.path.join(partial, f"text-{j:05d}.safetensors")
+            if j % world_size != rank or os.path.isfile(path):
+                continue
+            chunk = unique[start : start + block_rows]
+            parts = [family.cache_text(chunk[i : i + batch_size]) for i in range(0, len(chunk), batch_size)]
+            _save_tensors({name: torch.cat([p[name].detach().cpu() for p in parts]) for name in parts[0]}, path)
+
+
+def _shard_list(files_and_rows: list[tuple[str, int]]) -> list[dict]:
+    shards, start = [], 0
+    for file, rows in files_and_rows:
+        if rows:
+            shards.append({"file": file, "start": start, "stop": start + rows})
+            start += rows
+    return shards
+
+
+def commit_cache(partial: str, folder: str, settings: dict, records: list[dict], unique: list[str], *,
+                 num_source_rows: int, block_rows: int) -> None:
+    """Write the prompt index, prompts and manifest of a build whose blocks (`records`, in block order) and text
+    shards are all in `partial`, then rename `partial` to `folder` (the main process, once)."""
+    prompts = [p for record in records for p in record["prompts"]]
+    if not prompts:
+        raise ValueError("The preference dataset is empty (after dropping ties and bad rows)")
+    position = {p: i for i, p in enumerate(unique)}
+    _save_tensors({"prompt_index": torch.tensor([position[p] for p in prompts], dtype=torch.long)},
+                  os.path.join(partial, PROMPT_INDEX_FILE))
+    _save_json(unique, os.path.join(partial, PROMPTS_FILE))
+    text_files = [(f"text-{j:05d}.safetensors", len(unique[s : s + block_rows]))
+                  for j, s in enumerate(range(0, len(unique), block_rows))]
+    manifest = {
+        "key": cache_key(settings),
+        "settings": settings,
+        "num_rows": len(prompts),
+        "num_source_rows": num_source_rows,
+        "num_prompts": len(unique),
+        "block_rows": block_rows,
+        "row_shards": _shard_list([(r["file"], r["rows"]) for r in records]),
+        "text_shards": _shard_list(text_files),
+        "complete": True,
+    }
+    _save_json(manifest, os.path.join(partial, MANIFEST_FILE))
+    existing = read_manifest(folder)
+    if existing is not None and existing.get("complete") and existing.get("key") == manifest["key"]:
+        shutil.rmtree(partial)  # another run finished the same cache first
+    else:
+        if os.path.isdir(folder):  # an incomplete or foreign folder under our key's name: replace it
+            shutil.rmtree(folder)
+        os.replace(partial, folder)
+
+
 def build_cache(
     family,
     dataset,
@@ -217,75 +539,45 @@ def build_cache(
     *,
     schema: PreferenceSchema | None = None,
     batch_size: int = 8,
-    shard_rows: int = 1024,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
     progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    skip_bad_rows: bool = False,
 ) -> str:
-    """Encode every pair of a prepared preference dataset (ties already dropped) into a cache at `folder`."""
-    schema = schema or detect_schema(dataset.column_names)
-    resolution, with_flips = settings["resolution"], settings["flip_variants"]
-    collator = PreferenceCollator(schema, resolution)  # centre crop, no flip, no prompt dropout: deterministic
-    tmp = f"{folder}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    rows_writer = _ShardWriter(tmp, "rows", shard_rows)
-    prompts: list[str] = []
-    batches = range(0, len(dataset), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    """Encode every pair of a prepared preference dataset (ties already dropped) into a cache at `folder`, with
+    `world_size` processes (all of them call this; `torch.distributed` must be initialised when there are several).
 
-        batches = tqdm(batches, desc="Caching latents", unit="batch")
-    for start in batches:
-        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        tensors: dict[str, torch.Tensor] = {}
-        for side in SIDES:
-            pixels = batch[f"pixel_values_{side}"]
-            variants = {side: pixels, f"{side}_flipped": pixels.flip(-1)} if with_flips else {side: pixels}
-            for variant, images in variants.items():
-                for stat, value in family.cache_images(images).items():
-                    tensors[f"{variant}.{stat}"] = value
-        for name in PASSTHROUGH_FIELDS:
-            if name in batch:
-                tensors[name] = batch[name]
-        tensors["prompt_index"] = torch.arange(len(prompts), len(prompts) + len(batch["prompts"]))
-        prompts.extend(batch["prompts"])
-        rows_writer.append(tensors)
-    row_shards = rows_writer.close()
+    Work goes into ``folder + ".partial"``, kept across interruptions: a build started again (on any number of
+    processes) encodes only the blocks that are not finished. `schema` is accepted for compatibility (the schema is
+    detected from the dataset's columns)."""
+    partial = f"{folder}.partial"
+    if rank == 0:
+        os.makedirs(partial, exist_ok=True)
+        build_file = os.path.join(partial, BUILD_FILE)
+        if os.path.isfile(build_file):  # resuming: blocks keep the size and batches they were started with
+            started = _read_json(build_file)
+            block_rows, batch_size = started["block_rows"], started["batch_size"]
+        else:
+            _save_json({"block_rows": block_rows, "batch_size": batch_size}, build_file)
+    block_rows, batch_size = _together(lambda: (block_rows, batch_size) if rank == 0 else None, world_size)[0]
+    os.makedirs(partial, exist_ok=True)
 
-    # Text: one row per unique prompt; each pair's prompt_index is rewritten to point at its prompt's row.
+    seen = _together(lambda: encode_row_blocks(
+        family, dataset, partial, settings, rank=rank, world_size=world_size, batch_size=batch_size,
+        block_rows=block_rows, skip_bad_rows=skip_bad_rows, progress=progress,
+    ), world_size)
+    records = _block_records(partial, math.ceil(max(seen) / block_rows))
+    prompts = [p for record in records for p in record["prompts"]]
     unique = _unique_prompts(prompts)
-    position = {p: i for i, p in enumerate(unique)}
-    remap = torch.tensor([position[p] for p in prompts], dtype=torch.long)
-    for shard in row_shards:
-        path = os.path.join(tmp, shard["file"])
-        with safe_open(path, framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        tensors["prompt_index"] = remap[tensors["prompt_index"]]
-        save_file(tensors, path)
-    text_writer = _ShardWriter(tmp, "text", shard_rows)
-    for start in range(0, len(unique), batch_size):
-        text_writer.append(family.cache_text(unique[start : start + batch_size]))
-    text_shards = text_writer.close()
+    _together(lambda: encode_text_shards(family, unique, partial, rank=rank, world_size=world_size,
+                                         batch_size=batch_size, block_rows=block_rows), world_size)
 
-    with open(os.path.join(tmp, PROMPTS_FILE), "w") as f:
-        json.dump(unique, f)
-    manifest = {
-        "key": cache_key(settings),
-        "settings": settings,
-        "num_rows": len(dataset),
-        "num_prompts": len(unique),
-        "row_shards": row_shards,
-        "text_shards": text_shards,
-        "complete": True,
-    }
-    with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
-        json.dump(manifest, f, indent=1, default=str)
-    existing = read_manifest(folder)
-    if existing is not None and existing.get("complete") and existing.get("key") == manifest["key"]:
-        shutil.rmtree(tmp)  # another process finished the same cache first
-    else:
-        if os.path.isdir(folder):  # an incomplete or foreign folder under our key's name: replace it
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+    def commit():
+        if rank == 0:
+            commit_cache(partial, folder, settings, records, unique, num_source_rows=max(seen), block_rows=block_rows)
+
+    _together(commit, world_size)
     return folder
 
 
@@ -293,14 +585,15 @@ def read_manifest(folder: str) -> dict | None:
     path = os.path.join(folder, MANIFEST_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return _read_json(path)
 
 
 class CachedPreferenceDataset(torch.utils.data.Dataset):
     """A built cache, opened for training: item i is pair i of the dataset it was built from.
 
-    Raises ``ValueError`` when the folder is incomplete or was built for another key (a stale cache).
+    Raises ``ValueError`` when the folder is incomplete or was built for another key (a stale cache). Host memory:
+    the manifest, the prompts, one int64 per pair (its prompt's row) and the shard handles; the latents and text
+    embeddings are read from memory-mapped files row by row.
     """
 
     def __init__(self, folder: str, expected_key: str | None = None):
@@ -315,8 +608,9 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
         self.folder, self.manifest = folder, manifest
         self.rows = _ShardReader(folder, manifest["row_shards"])
         self.text = _ShardReader(folder, manifest["text_shards"])
-        with open(os.path.join(folder, PROMPTS_FILE)) as f:
-            self.prompts = json.load(f)
+        with safe_open(os.path.join(folder, PROMPT_INDEX_FILE), framework="pt") as f:
+            self.prompt_index = f.get_tensor("prompt_index")
+        self.prompts = _read_json(os.path.join(folder, PROMPTS_FILE))
         self.empty_prompt_index = self.prompts.index("")
 
     @property
@@ -324,21 +618,26 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
         return self.manifest["key"]
 
     @property
+    def num_source_rows(self) -> int:
+        """1 + the largest ``row_index`` of the dataset it was built from (the size of per-pair records)."""
+        return self.manifest["num_source_rows"]
+
+    @property
     def column_names(self) -> list[str]:  # what a datasets.Dataset user would look for
-        return sorted(self.rows.row(0)) if len(self) else []
+        return sorted([*self.rows.row(0), "prompt_index"]) if len(self) else []
 
     def __len__(self) -> int:
         return self.manifest["num_rows"]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows.row(int(index))
+        row["prompt_index"] = self.prompt_index[int(index)]
         row["text"] = self.text.row(int(row["prompt_index"]))
         row["prompt"] = self.prompts[int(row["prompt_index"])]
         return row
 
     def empty_prompt_text(self) -> dict[str, torch.Tensor]:
         return self.text.row(self.empty_prompt_index)
-
 
 class CachedPreferenceCollator:
     """Batches cached rows into what `pair_forward` reads: ``latents_{chosen,rejected}`` (posterior means) with
@@ -406,39 +705,50 @@ class CachedPreferenceCollator:
 
 def open_or_build_cache(
     family, dataset, cache_dir: str, *, model_name: str | None, resolution: int, random_flip: bool,
-    batch_size: int = 8, progress: bool = False,
+    batch_size: int = 8, progress: bool = False, rank: int = 0, world_size: int = 1, skip_bad_rows: bool = False,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
 ) -> CachedPreferenceDataset:
-    """The cache of `dataset` under `cache_dir`: opened if one with the same key exists, built otherwise."""
+    """The cache of `dataset` under `cache_dir`: opened if one with the same key exists, built otherwise (by all
+    `world_size` processes, each calling this with its `rank`)."""
     settings = cache_settings(family, dataset, model_name=model_name, resolution=resolution, random_flip=random_flip)
     key = cache_key(settings)
     folder = os.path.join(cache_dir, key)
     manifest = read_manifest(folder)
-    if manifest is None or not manifest.get("complete") or manifest.get("key") != key:
+    # Every process decides from the same files; a process that saw the finished cache (while another had just
+    # renamed it) would not join the build's collectives, so the decision is taken by the main process.
+    missing = manifest is None or not manifest.get("complete") or manifest.get("key") != key
+    missing = _together(lambda: missing if rank == 0 else None, world_size)[0]
+    if missing:
         os.makedirs(cache_dir, exist_ok=True)
-        build_cache(family, dataset, folder, settings, batch_size=batch_size, progress=progress)
+        build_cache(family, dataset, folder, settings, batch_size=batch_size, progress=progress, rank=rank,
+                    world_size=world_size, skip_bad_rows=skip_bad_rows, block_rows=block_rows)
     return CachedPreferenceDataset(folder, expected_key=key)
 
 
 def use_latent_cache(trainer) -> None:
     """Replace the trainer's datasets by their caches and its collator by `CachedPreferenceCollator`.
 
-    The main process builds (or finds) each cache first; the others then open it by the same key.
+    Every process encodes its share of the rows (`build_cache`), or all of them find the cache by its key. The
+    cache folder must be one that every process can read and write (a shared file system across nodes).
     """
     args = trainer.args
     pixel_collator = trainer.data_collator
 
     def cached(dataset):
-        with args.main_process_first(desc="latent cache"):
-            return open_or_build_cache(
-                trainer.family, dataset, args.cache_dir, model_name=trainer.base_model_name,
-                resolution=args.resolution, random_flip=args.random_flip,
-                batch_size=args.per_device_train_batch_size, progress=trainer.is_world_process_zero(),
-            )
+        return open_or_build_cache(
+            trainer.family, dataset, args.cache_dir, model_name=trainer.base_model_name,
+            resolution=args.resolution, random_flip=args.random_flip,
+            batch_size=args.per_device_train_batch_size, progress=trainer.is_world_process_zero() and not args.disable_tqdm,
+            rank=args.process_index, world_size=args.world_size, skip_bad_rows=args.skip_bad_rows,
+            block_rows=args.cache_block_rows,
+        )
 
     empty_text = None
     if trainer.train_dataset is not None:
         trainer.train_dataset = cached(trainer.train_dataset)
         empty_text = trainer.train_dataset.empty_prompt_text()
+        if trainer.dataset_info is not None and trainer.dataset_info.get("num_rows") is None:  # a stream, now counted
+            trainer.dataset_info["num_rows"] = len(trainer.train_dataset)
     if isinstance(trainer.eval_dataset, dict):
         trainer.eval_dataset = {name: cached(ds) for name, ds in trainer.eval_dataset.items()}
         empty_text = empty_text or next(iter(trainer.eval_dataset.values())).empty_prompt_text()

@@ -49,6 +49,15 @@ class DatasetArguments:
     dataset_test_split: str | None = field(
         default=None, metadata={"help": "Split to evaluate on (with --eval_strategy steps/epoch). Unset: no evaluation."}
     )
+    dataset_streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the training split as a stream (`datasets.IterableDataset`, `load_dataset(..., streaming=True)`) "
+            "instead of downloading and preparing it first. Set max_steps. With cache_dir the stream is read once into "
+            "the latent cache (by all processes at once) and training reads the cache; without, training reads the "
+            "stream in order (one pass; a resumed run skips the rows already trained on)."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N rows only."})
     flip_rate: float = field(
         default=0.0,
@@ -78,9 +87,13 @@ def train(argv: list[str]):
 
     model_args, data_args, config = parse_train_args(argv)
 
-    train_dataset = load_preference_data(data_args.dataset_name, data_args.dataset_config, data_args.dataset_train_split)
+    train_dataset = load_preference_data(data_args.dataset_name, data_args.dataset_config, data_args.dataset_train_split,
+                                         streaming=data_args.dataset_streaming)
     if data_args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(data_args.max_train_samples, len(train_dataset))))
+        if data_args.dataset_streaming:
+            train_dataset = train_dataset.take(data_args.max_train_samples)
+        else:
+            train_dataset = train_dataset.select(range(min(data_args.max_train_samples, len(train_dataset))))
     if data_args.flip_rate > 0:
         seed = data_args.flip_seed if data_args.flip_seed is not None else config.seed
         train_dataset = flip_labels(train_dataset, data_args.flip_rate, seed)

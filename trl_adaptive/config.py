@@ -348,6 +348,15 @@ class AdaptiveDPOConfig(TrainingArguments):
             "random_crop. See docs/caching.md."
         },
     )
+    cache_block_rows: int = field(
+        default=1024,
+        metadata={
+            "help": "With cache_dir: source rows per block of the cache build. Block k is encoded by process "
+            "k mod world_size (all processes of all nodes encode at once), is written as one file, and is the unit an "
+            "interrupted build resumes from. A build keeps the block size it started with. The builder holds one "
+            "block of latents in host memory (1024 SDXL pairs at 1024 px with latent_sampling='sample': 512 MiB)."
+        },
+    )
     batch_frozen_forwards: bool = field(
         default=True,
         metadata={
@@ -404,6 +413,7 @@ class AdaptiveDPOConfig(TrainingArguments):
         require("sample_steps", self.sample_steps >= 1, ">= 1")
         require("sample_num_inference_steps", self.sample_num_inference_steps >= 1, ">= 1")
         require("dataset_num_proc", self.dataset_num_proc is None or self.dataset_num_proc >= 1, "None or >= 1")
+        require("cache_block_rows", self.cache_block_rows >= 1, ">= 1")
         if self.remove_unused_columns:
             raise ValueError("AdaptiveDPOConfig.remove_unused_columns must be False (the collator needs raw columns)")
         super().__post_init__()

@@ -10,6 +10,10 @@ Three schemas are accepted (detected from the column names):
 
 The dataset is never rewritten: ties are removed with an index mapping and each row's winner is decided in the
 collator, so preparing Pick-a-Pic (hundreds of GB) costs one pass over its label column.
+
+A `datasets.IterableDataset` (``load_dataset(..., streaming=True)``) is prepared lazily instead: ``row_index`` (the
+row's position in the stream as given), the label and prompt checks and the tie filter become steps of the stream,
+run as rows are read (`prepare_streamed_preference_dataset`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 VALID_LABELS = (0.0, 0.5, 1.0)
 
@@ -107,6 +114,24 @@ def detect_schema(column_names: list[str]) -> PreferenceSchema:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def is_streamed(dataset) -> bool:
+    """Whether `dataset` is a `datasets.IterableDataset` (read as a stream: no length, no random access)."""
+    import datasets
+
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def dataset_columns(dataset) -> list[str]:
+    """Column names of a map-style or streamed dataset (a stream whose features are unknown is asked for its first
+    row)."""
+    names = getattr(dataset, "column_names", None)
+    if names is None and getattr(dataset, "features", None) is not None:
+        names = list(dataset.features)
+    if names is None:
+        names = list(next(iter(dataset.take(1)), {}).keys())
+    return list(names)
+
+
 def prepare_preference_dataset(
     dataset,
     drop_ties: bool = True,
@@ -125,7 +150,11 @@ def prepare_preference_dataset(
 
     Returns ``(dataset, info)`` with ``info = {"schema", "num_rows", "num_ties", "ties_dropped", "num_bad_rows",
     "bad_rows"}``; ``bad_rows`` lists ``{"row", "column", "error"}`` of every dropped bad row.
+
+    A `datasets.IterableDataset` goes to `prepare_streamed_preference_dataset` (the counts are then None).
     """
+    if is_streamed(dataset):
+        return prepare_streamed_preference_dataset(dataset, drop_ties, skip_bad_rows=skip_bad_rows)
     schema = detect_schema(dataset.column_names)
     if "row_index" not in dataset.column_names:
         dataset = dataset.add_column("row_index", list(range(len(dataset))))
@@ -160,6 +189,67 @@ def prepare_preference_dataset(
     info = {"schema": schema.name, "num_rows": len(dataset), "num_ties": len(ties), "ties_dropped": drop_ties,
             "num_bad_rows": len(bad_rows), "bad_rows": bad_rows}
     return dataset, info
+
+
+def row_problem(schema: PreferenceSchema, row: dict) -> tuple[str, str] | None:
+    """``(column, message)`` when a row's label or prompt is bad (the checks `prepare_preference_dataset` makes on
+    every row), else None. Images are not decoded here."""
+    if schema.label_column is not None:
+        try:
+            schema.first_wins(row[schema.label_column], row=row["row_index"])
+        except ValueError as err:
+            return schema.label_column, str(err)
+    prompt = row[schema.prompt_column]
+    if not isinstance(prompt, str):
+        return schema.prompt_column, f"row {row['row_index']}, column {schema.prompt_column!r}: expected a string, got {prompt!r:.80}"
+    return None
+
+
+def _keep_streamed_row(row: dict, schema: PreferenceSchema, drop_ties: bool, skip_bad_rows: bool) -> bool:
+    problem = row_problem(schema, row)
+    if problem is not None:
+        if not skip_bad_rows:
+            raise ValueError(
+                f"bad row in the streamed preference dataset: {problem[1]}. Fix it, or pass skip_bad_rows=True to drop "
+                "such rows (each is then named in a warning)."
+            )
+        logger.warning(f"skip_bad_rows: dropped {problem[1]}")
+        return False
+    return not (drop_ties and schema.label_column is not None and schema.first_wins(row[schema.label_column], row["row_index"]) == 0.5)
+
+
+def prepare_streamed_preference_dataset(dataset, drop_ties: bool = True, *, skip_bad_rows: bool = False):
+    """`prepare_preference_dataset` for a `datasets.IterableDataset`, as steps of the stream run while it is read.
+
+    ``row_index`` is the row's position in the stream as given (a stream read again gives every row the same id, so
+    per-pair records and resumed runs line up); a row whose label or prompt is bad raises a ``ValueError`` naming its
+    row and column when it is read (with a latent cache: while the cache is built, before training), or with
+    `skip_bad_rows` is dropped with a warning naming it; ties are dropped with `drop_ties`. Images are decoded (and a
+    bad one reported with its row and column) when the rows are encoded into the cache or collated. Image columns
+    are read undecoded (bytes), so rows that a process skips cost no decoding.
+
+    Returns ``(stream, info)`` with the keys of `prepare_preference_dataset`; the counts are None (unknown before
+    the stream has been read) and ``info["streamed"]`` is True.
+    """
+    from functools import partial
+
+    columns = dataset_columns(dataset)
+    schema = detect_schema(columns)
+    if dataset.features is not None:
+        for column in schema.image_columns:
+            feature = dataset.features[column]
+            if _undecoded(feature) != feature:
+                dataset = dataset.cast_column(column, _undecoded(feature))
+    if "row_index" not in columns:
+        dataset = dataset.map(_with_row_index, with_indices=True)
+    dataset = dataset.filter(partial(_keep_streamed_row, schema=schema, drop_ties=drop_ties, skip_bad_rows=skip_bad_rows))
+    info = {"schema": schema.name, "num_rows": None, "num_ties": None, "ties_dropped": drop_ties,
+            "num_bad_rows": None, "bad_rows": [], "streamed": True}
+    return dataset, info
+
+
+def _with_row_index(row: dict, index: int) -> dict:
+    return {"row_index": index}
 
 
 def _undecoded(feature):
@@ -232,9 +322,15 @@ def flip_labels(dataset, rate: float, seed: int = 0):
 
     Returns the dataset with its labels flipped where ``flipped`` is True (a new boolean column), in the dataset's
     own schema, so every consumer sees the flipped preference.
+
+    A stream (`datasets.IterableDataset`) cannot be counted before it is read: each non-tied row is flipped with
+    probability `rate` instead, drawn from a generator seeded with ``(seed, position of the row in the stream)``, so
+    a stream read again flips the same rows.
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"flip_labels: rate must be in [0, 1], got {rate}")
+    if is_streamed(dataset):
+        return _flip_streamed_labels(dataset, rate, seed)
     schema = detect_schema(dataset.column_names)
     if schema.label_column is None:
         candidates = np.arange(len(dataset))
@@ -261,6 +357,29 @@ def flip_labels(dataset, rate: float, seed: int = 0):
         return batch
 
     return dataset.map(flip, batched=True, with_indices=True, desc=f"Flipping {rate:.0%} of labels")
+
+
+def _flip_row(example: dict, index: int, schema: PreferenceSchema, rate: float, seed: int) -> dict:
+    label = example[schema.label_column] if schema.label_column else None
+    decided = schema.label_column is None or _decided(schema, label, index)
+    flip = bool(decided and np.random.default_rng([seed, index]).random() < rate)
+    out = {"flipped": flip}
+    if flip and schema.name == "pickapic":
+        out["label_0"] = 1.0 - float(label)
+        if example.get("label_1") is not None:
+            out["label_1"] = 1.0 - float(example["label_1"])
+    elif flip and schema.name == "hpdv2":
+        out["human_preference"] = list(label)[::-1]
+    elif flip:
+        out["chosen"], out["rejected"] = example["rejected"], example["chosen"]
+    return out
+
+
+def _flip_streamed_labels(dataset, rate: float, seed: int):
+    from functools import partial
+
+    schema = detect_schema(dataset_columns(dataset))
+    return dataset.map(partial(_flip_row, schema=schema, rate=rate, seed=seed), with_indices=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,17 +514,29 @@ class PreferenceCollator:
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
-def load_preference_data(name_or_path: str, config: str | None = None, split: str = "train"):
+def load_preference_data(name_or_path: str, config: str | None = None, split: str = "train", streaming: bool = False):
     """One split of a preference dataset from a Hub name, a folder written by `save_to_disk`, or a data file/folder.
 
-    Pick-a-Pic has moved between Hub repositories, so any name or local copy with the same columns works.
+    Pick-a-Pic has moved between Hub repositories, so any name or local copy with the same columns works. With
+    `streaming`, a `datasets.IterableDataset` (`load_dataset(..., streaming=True)`; a `save_to_disk` folder through
+    `to_iterable_dataset`, in order).
     """
     import datasets
 
+    if streaming:
+        data = load_preference_data(name_or_path, config, split) if _is_saved_dataset(name_or_path) else None
+        if data is not None:
+            return data.to_iterable_dataset()
+        path = os.path.expanduser(name_or_path)
+        if os.path.isfile(path):
+            builder = DATA_FILE_BUILDERS.get(os.path.splitext(path)[1].lower())
+            if builder is None:
+                raise ValueError(f"dataset {path!r}: unsupported file type; use {sorted(DATA_FILE_BUILDERS)}")
+            return datasets.load_dataset(builder, data_files={split: path}, split=split, streaming=True)
+        return datasets.load_dataset(name_or_path, config, split=split, streaming=True)
+
     path = os.path.expanduser(name_or_path)
-    if os.path.isdir(path) and any(
-        os.path.isfile(os.path.join(path, marker)) for marker in ("dataset_dict.json", "dataset_info.json", "state.json")
-    ):
+    if _is_saved_dataset(path):
         data = datasets.load_from_disk(path)
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
@@ -418,3 +549,11 @@ def load_preference_data(name_or_path: str, config: str | None = None, split: st
             raise ValueError(f"dataset {path!r}: unsupported file type {extension!r}; use {sorted(DATA_FILE_BUILDERS)}")
         return datasets.load_dataset(DATA_FILE_BUILDERS[extension], data_files={split: path}, split=split)
     return datasets.load_dataset(name_or_path, config, split=split)
+
+
+def _is_saved_dataset(name_or_path: str) -> bool:
+    """Whether a path is a folder written by `Dataset(Dict).save_to_disk`."""
+    path = os.path.expanduser(name_or_path)
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, marker)) for marker in ("dataset_dict.json", "dataset_info.json", "state.json")
+    )

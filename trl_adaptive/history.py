@@ -8,6 +8,9 @@ amortised annotator mode uses between annotator refreshes, and a less noisy view
 With `decay` d in (0, 1) the mean is exponentially weighted over the pair's own visits: each later visit of the pair
 multiplies the weight of its earlier records by d, so a record `n` visits old counts d^n as much as the newest. The
 minority filter uses this to forget the votes cast before the model had learned the majority preference.
+
+A `growable` history (for a streamed dataset, whose number of rows is unknown before it has been read) starts empty
+and grows to cover every row it is asked about; every process grows it alike, as they record the same global batch.
 """
 
 from __future__ import annotations
@@ -21,19 +24,30 @@ HISTORY_FILE = "pair_history.safetensors"
 
 
 class PairHistory:
-    def __init__(self, num_rows: int, filename: str = HISTORY_FILE, decay: float = 0.0):
+    def __init__(self, num_rows: int, filename: str = HISTORY_FILE, decay: float = 0.0, growable: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"PairHistory decay must be in [0, 1) (0: plain mean over visits), got {decay}")
         self.filename = filename
         self.decay = decay
+        self.growable = growable
         self.total = torch.zeros(num_rows, dtype=torch.float64)  # (weighted) sum of the recorded scores
         self.weight = torch.zeros(num_rows, dtype=torch.float64)  # (weighted) number of records; = visits if no decay
         self.visits = torch.zeros(num_rows, dtype=torch.long)
+
+    def _cover(self, rows: torch.Tensor) -> None:
+        """Grow a growable history to cover `rows` (new rows: no records, no visits)."""
+        size = int(rows.max()) + 1 if rows.numel() else 0
+        if self.growable and size > self.total.shape[0]:
+            extra = size - self.total.shape[0]
+            self.total = torch.cat([self.total, torch.zeros(extra, dtype=self.total.dtype)])
+            self.weight = torch.cat([self.weight, torch.zeros(extra, dtype=self.weight.dtype)])
+            self.visits = torch.cat([self.visits, torch.zeros(extra, dtype=self.visits.dtype)])
 
     def record(self, rows: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Record one visit of each row (a row listed twice adds two records to the same visit). Entries where
         `valid` is False are ignored; a row with no valid entry is not visited (no decay, no visit counted)."""
         rows, scores = rows.detach().long().cpu(), scores.detach().double().cpu()
+        self._cover(rows)
         if valid is not None:
             valid = valid.detach().bool().cpu()
             rows, scores = rows[valid], scores[valid]
@@ -48,10 +62,12 @@ class PairHistory:
     def mean(self, rows: torch.Tensor) -> torch.Tensor:
         """Mean recorded score of each row (on the device of `rows`); 0 for rows never scored (a neutral weight of 1 / c)."""
         device, rows = rows.device, rows.detach().long().cpu()
+        self._cover(rows)
         return (self.total[rows] / self.weight[rows].clamp_min(1e-12)).float().to(device)
 
     def visit_counts(self, rows: torch.Tensor) -> torch.Tensor:
         """Visits of each row (on the device of `rows`)."""
+        self._cover(rows.detach().long().cpu())
         return self.visits[rows.detach().long().cpu()].to(rows.device)
 
     def means_with_visits(self, min_visits: int = 1) -> torch.Tensor:
@@ -68,6 +84,9 @@ class PairHistory:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the checkpoint has no per-pair minority history")
         tensors = load_file(path)
+        if self.growable:
+            self.total, self.weight, self.visits = (torch.zeros_like(t[:0]) for t in (self.total, self.weight, self.visits))
+            self._cover(torch.tensor([tensors["total"].shape[0] - 1]))
         if tensors["total"].shape != self.total.shape:
             raise ValueError(
                 f"Checkpoint pair history covers {tensors['total'].shape[0]} rows, the dataset {self.total.shape[0]}"

@@ -74,7 +74,11 @@ def build_model_card(
     )
     rows = "\n".join(f"| `{name}` | `{getattr(args, name, None)}` |" for name in CARD_HYPERPARAMETERS)
     data_line = f"`{dataset_name}`" if dataset_name else "a user-supplied preference dataset"
-    if dataset_info:
+    if dataset_info and dataset_info.get("streamed"):
+        pairs = f", {dataset_info['num_rows']} pairs used" if dataset_info.get("num_rows") is not None else ""
+        data_line += (f" ({dataset_info['schema']} schema, streamed{pairs}, ties "
+                      f"{'dropped' if dataset_info['ties_dropped'] else 'kept'})")
+    elif dataset_info:
         data_line += (
             f" ({dataset_info['schema']} schema, {dataset_info['num_rows']} pairs used, {dataset_info['num_ties']} ties"
             f" {'dropped' if dataset_info['ties_dropped'] else 'kept'})"

@@ -460,3 +460,44 @@ def tiny_imagereward_checkpoint(folder: str, seed: int = 0) -> str:
     state = _random_state(imagereward_state_shapes(vocab=len(tokenizer)), seed)
     torch.save(state, os.path.join(folder, "ImageReward.pt"))
     return folder
+
+
+def write_pickapic_parquet(folder: str, num_rows: int = 200, num_files: int = 2, size: int = 40, seed: int = 0,
+                           tie_every: int = 8, num_prompts: int = 24) -> list[str]:
+    """Pick-a-Pic v2-format parquet files (its columns: caption, jpg_0/jpg_1 as JPEG bytes, label_0/label_1 with a
+    tie every `tie_every` rows, are_different, has_label, user and image ids, ...), `num_rows` rows split over
+    `num_files` files named like the real ones. Prompts repeat (`num_prompts` distinct), as Pick-a-Pic's do.
+    Returns the file paths, in order."""
+    import io
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for i in range(num_rows):
+        encoded = []
+        for _ in range(2):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, size=(size, size + 8 * (i % 3), 3), dtype=np.uint8)).save(
+                buffer, format="JPEG", quality=90)
+            encoded.append(buffer.getvalue())
+        label_0 = 0.5 if tie_every and i % tie_every == tie_every - 1 else float(rng.integers(0, 2))
+        rows.append({
+            "are_different": True, "best_image_uid": f"img-{i}-{0 if label_0 == 1.0 else 1}",
+            "caption": f"prompt number {int(rng.integers(0, num_prompts))}", "created_at": "2023-04-01 12:00:00",
+            "has_label": True, "image_0_uid": f"img-{i}-0", "image_0_url": "", "image_1_uid": f"img-{i}-1",
+            "image_1_url": "", "jpg_0": encoded[0], "jpg_1": encoded[1], "label_0": label_0, "label_1": 1.0 - label_0,
+            "model_0": "tiny", "model_1": "tiny", "ranking_id": i, "user_id": int(rng.integers(0, 50)),
+            "num_example_per_prompt": 1,
+        })
+    paths = []
+    per_file = -(-num_rows // num_files)
+    for k in range(num_files):
+        path = os.path.join(folder, f"train-{k:05d}-of-{num_files:05d}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[k * per_file : (k + 1) * per_file]), path)
+        paths.append(path)
+    return paths

@@ -30,7 +30,7 @@ from .callbacks import (
     use_diffusers_tensorboard,
 )
 from .config import AdaptiveDPOConfig
-from .data import PreferenceCollator, detect_schema, prepare_preference_dataset
+from .data import PreferenceCollator, dataset_columns, detect_schema, is_streamed, prepare_preference_dataset
 from .distributed import prepare_reference_model
 from .families import family_for, load_pipeline, replace_vae
 from .forwards import PairForwards
@@ -56,7 +56,9 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
         ref_model: frozen reference denoiser for full fine-tuning (default: a copy of the initial denoiser).
             Must be None with `peft_config`: the reference is then the denoiser with its adapters disabled.
         args: an `AdaptiveDPOConfig`.
-        train_dataset, eval_dataset: `datasets.Dataset` in the Pick-a-Pic, TRL or HPDv2 schema (see `trl_adaptive.data`).
+        train_dataset, eval_dataset: `datasets.Dataset` or `datasets.IterableDataset` (a stream: set `max_steps`) in
+            the Pick-a-Pic, TRL or HPDv2 schema (see `trl_adaptive.data`). With `cache_dir`, a stream is read once
+            into the latent cache and training reads the cache.
         peft_config: a `peft.LoraConfig` to train LoRA adapters on the denoiser instead of all its weights.
         data_collator: replaces the default `PreferenceCollator`.
         callbacks, optimizers: as in `transformers.Trainer`.
@@ -100,12 +102,31 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
         self.ref_model = self._prepare_reference(ref_model, denoiser, peft_config)
 
         self.dataset_info = None
+        if is_streamed(train_dataset) and args.cache_dir is None and args.world_size > 1:
+            # accelerate would dispatch the stream's batches from the main process, and cannot send the prompts.
+            raise ValueError(
+                f"A streamed train_dataset trains on {args.world_size} processes only through the latent cache: set "
+                "cache_dir (every process then encodes its share of the stream, and training reads the cache), or "
+                "train on one process, or pass a map-style datasets.Dataset."
+            )
+        streamed = [name for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
+                    if is_streamed(data)]
+        if streamed and args.cache_dir is None and args.dataloader_num_workers > 0:
+            # DataLoader workers would each read a share of the stream's files, numbering their rows from 0.
+            raise ValueError(
+                f"A streamed {streamed[0]} without cache_dir needs dataloader_num_workers=0 (got "
+                f"{args.dataloader_num_workers}): workers would each read part of the stream and give its rows "
+                "colliding row_index values. Set cache_dir (training then reads the cache, with workers) or 0 workers."
+            )
         if train_dataset is not None:
             train_dataset, self.dataset_info = self._prepare_dataset(train_dataset, args, "train")
-            logger.info(
-                f"Preference data: {self.dataset_info['schema']} schema, {self.dataset_info['num_rows']} pairs, "
-                f"{self.dataset_info['num_ties']} ties {'dropped' if args.drop_ties else 'kept'}"
-            )
+            if self.dataset_info.get("streamed"):
+                logger.info(f"Preference data: {self.dataset_info['schema']} schema, streamed (rows checked as read)")
+            else:
+                logger.info(
+                    f"Preference data: {self.dataset_info['schema']} schema, {self.dataset_info['num_rows']} pairs, "
+                    f"{self.dataset_info['num_ties']} ties {'dropped' if args.drop_ties else 'kept'}"
+                )
         self.dataset_name = getattr(getattr(train_dataset, "info", None), "dataset_name", None)
         if eval_dataset is not None:
             eval_dataset, _ = self._prepare_dataset(eval_dataset, args, "eval")
@@ -114,7 +135,7 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
             if reference is None:
                 raise ValueError("AdaptiveDiffusionDPOTrainer needs a train_dataset or an eval_dataset")
             data_collator = PreferenceCollator(
-                detect_schema(reference.column_names),
+                detect_schema(dataset_columns(reference)),
                 args.resolution,
                 random_crop=args.random_crop,
                 random_flip=args.random_flip,
@@ -144,12 +165,16 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
             # DeepSpeed runs the policy in the training dtype, autocast mixed precision keeps its weights in fp32.
             policy_dtype = self.weight_dtype if self.is_deepspeed_enabled else next(denoiser.parameters()).dtype
             self.ref_model = prepare_reference_model(self.ref_model, self.accelerator, policy_dtype)
+        if args.cache_dir is not None:
+            # Before the methods are built: they size their per-pair records by the data they train on, which for a
+            # stream is known once the cache has read it.
+            use_latent_cache(self)  # every process encodes its share (or all find the cache) and the collator swaps
         self.forwards = PairForwards(self.family, self.accelerator, self.weight_dtype, args.seed, self.ref_model,
                                      wrapped_model=lambda: self.model_wrapped)
         batch = GlobalBatch(self.accelerator)
         self.metrics = TrainingMetrics(batch, keep_pair_statistics=bool(args.eval_prompts))
         #: The robustness methods the config turns on, by name, in running order (`trl_adaptive.robustness`).
-        self.robustness = build_methods(args, train_dataset, batch, self.forwards)
+        self.robustness = build_methods(args, self.train_dataset, batch, self.forwards)
         for method in self.robustness.values():
             method.setup(denoiser, self.accelerator)  # Adaptive-DPO creates its annotators (sharded under ZeRO-3)
         if peft_config is not None and not self.is_deepspeed_enabled:
@@ -157,8 +182,6 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
         use_diffusers_tensorboard(self.callback_handler)
         if args.eval_prompts:
             self.add_callback(SampleImagesCallback(self))
-        if args.cache_dir is not None:
-            use_latent_cache(self)  # encodes the datasets once (or finds their cache) and swaps in the cached collator
 
     # ---- set-up ----------------------------------------------------------------------------------------
     @staticmethod

@@ -20,12 +20,24 @@ def validate_config(args) -> None:
         method.validate(args)
 
 
+def source_rows(dataset) -> int:
+    """1 + the largest ``row_index`` of the training data: a latent cache knows it, a map-style dataset has the
+    column; a stream's is unknown before it is read, so its records start empty and grow (`PairHistory`)."""
+    from ..data import is_streamed
+
+    if hasattr(dataset, "num_source_rows"):
+        return dataset.num_source_rows
+    if is_streamed(dataset):
+        return 0
+    return max(dataset["row_index"]) + 1
+
+
 def build_methods(args, train_dataset, batch: GlobalBatch, forwards) -> dict[str, RobustnessMethod]:
     """The methods the config turns on, by name, in running order (not yet `setup`). Their per-pair records are
-    sized by the training data's largest ``row_index`` (none without training data)."""
+    sized by the training data's largest ``row_index`` (`source_rows`; none without training data)."""
     methods: dict[str, RobustnessMethod] = {}
     enabled = any(method.enabled(args) for method in ROBUSTNESS_METHODS)
-    num_rows = max(train_dataset["row_index"]) + 1 if enabled and train_dataset is not None else None
+    num_rows = source_rows(train_dataset) if enabled and train_dataset is not None else None
     if AdaptiveDPO.enabled(args):
         # With the filter judging by `score`, Adaptive-DPO's record is its evidence too, so it takes the filter's decay.
         shared = MinorityFilter.enabled(args) and args.minority_evidence == "score"

@@ -59,7 +59,7 @@ class AdaptiveDPO(RobustnessMethod):
         self.annotators = None  # created in setup, once the ZeRO stage is known
         # Each pair's mean u over its scored visits: the amortised steps' scores (and the minority filter's `score`
         # evidence, which then sets `history_decay`).
-        self.history = PairHistory(num_rows, decay=history_decay) if num_rows else None
+        self.history = PairHistory(num_rows, decay=history_decay, growable=num_rows == 0) if num_rows is not None else None
 
     def setup(self, denoiser, accelerator) -> None:
         if len(self.args.annotator_decays) > 0:

@@ -87,8 +87,8 @@ class MinorityFilter(RobustnessMethod):
         if not self.owns_history:
             self.history = scores_history
         else:
-            self.history = PairHistory(num_rows, filename=EVIDENCE_FILE, decay=args.minority_evidence_decay) if (
-                num_rows) else None
+            self.history = PairHistory(num_rows, filename=EVIDENCE_FILE, decay=args.minority_evidence_decay,
+                                       growable=num_rows == 0) if num_rows is not None else None
         self._regime_checked = False
 
     def treat(self, step: PairStep, metrics) -> PairTreatment | None:
