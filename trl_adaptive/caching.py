@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import PreferenceCollator, PreferenceSchema, detect_schema
+from .data import ROW_INDEX_LIST, PreferenceCollator, PreferenceSchema, detect_schema
 
 #: Bump when the preprocessing of images or prompts changes, so that older caches are not reused.
 CACHE_FORMAT_VERSION = 1
@@ -401,6 +401,8 @@ class CachedPreferenceCollator:
                     batch.setdefault(name, []).append(row[name])
         out: dict[str, Any] = {name: torch.stack(values) for name, values in batch.items()}
         out["prompts"] = prompts
+        if "row_index" in out:
+            out[ROW_INDEX_LIST] = out["row_index"].tolist()
         return out
 
 

@@ -356,6 +356,14 @@ class AdaptiveDPOConfig(TrainingArguments):
         },
     )
     # ---- Overrides of TrainingArguments defaults ---------------------------------------------------------
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "transformers' filter that leaves a NaN/Inf loss out of the logged average. False (this library's "
+            "default; transformers' is True): the filter tests every step's loss on the host, one GPU synchronisation "
+            "per step (docs/performance.md). A NaN/Inf loss then shows in the logged loss, which is what you want to see."
+        },
+    )
     learning_rate: float = field(
         default=1e-5, metadata={"help": "AdamW learning rate. Default 1e-5 (diffusers LoRA recipe, Adaptive-DPO README)."}
     )

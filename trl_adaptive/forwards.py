@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_map
 from .filtering import prompt_contrast_evidence
 from .lora_batching import LoraFrozenForwards, supports_mixed_adapter_batches
 from .losses import denoising_error, dpo_logits
+from .data import ROW_INDEX_LIST
 from .noise import EVAL, TRAIN, pair_generators, pair_noise_and_timesteps
 
 
@@ -125,7 +126,9 @@ class PairForwards:
         Training draws are keyed by the step; evaluation draws by the row only (the same at every evaluation)."""
         family = self.family
         step, purpose = (global_step, TRAIN) if model.training else (0, EVAL)
-        generators = pair_generators(self.seed, step, inputs["row_index"], self.accelerator.device, purpose, draw)
+        # The host copy of the rows, where the collator made one: seeding from the device tensor would wait for the GPU.
+        rows = inputs.get(ROW_INDEX_LIST, inputs["row_index"])
+        generators = pair_generators(self.seed, step, rows, self.accelerator.device, purpose, draw)
         latents = family.pair_latents(inputs, generator=generators)  # one VAE call for both images of every pair
         chosen = latents[: latents.shape[0] // 2]
         noise, pair_timesteps = pair_noise_and_timesteps(

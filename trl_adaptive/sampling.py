@@ -76,7 +76,7 @@ class SampleImagesCallback(TrainerCallback):
             reward = float(self.scorer.score(images, self.prompts).mean())
             self.trainer.metrics.add("train", f"samples/{self.scorer.name}", reward)
         pixels = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (N, H, W, 3) uint8
-        histograms = {k: v.numpy() for k, v in self.trainer.metrics.last_pair_statistics.items()}
+        histograms = {k: v.cpu().numpy() for k, v in self.trainer.metrics.last_pair_statistics.items()}
         for callback in self.trainer.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
                 callback.tb_writer.add_images("samples", pixels, step, dataformats="NHWC")

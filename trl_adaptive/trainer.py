@@ -232,7 +232,10 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
         return any(m.wants_annotators(self.state.global_step, training) for m in self.robustness.values())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # The only place our metrics and the methods' device state are read back to the host (once per log).
         self.metrics.flush("train" if self.model.training else "eval", logs)
+        for method in self.robustness.values():
+            method.on_log()
         super().log(logs, start_time)
 
     # ---- evaluation ------------------------------------------------------------------------------------
