@@ -144,6 +144,9 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
             # DeepSpeed runs the policy in the training dtype, autocast mixed precision keeps its weights in fp32.
             policy_dtype = self.weight_dtype if self.is_deepspeed_enabled else next(denoiser.parameters()).dtype
             self.ref_model = prepare_reference_model(self.ref_model, self.accelerator, policy_dtype)
+            if args.torch_compile:  # the Trainer compiles the policy; the frozen reference is ours to compile alike
+                self.ref_model = torch.compile(self.ref_model, backend=args.torch_compile_backend,
+                                               mode=args.torch_compile_mode)
         self.forwards = PairForwards(self.family, self.accelerator, self.weight_dtype, args.seed, self.ref_model,
                                      wrapped_model=lambda: self.model_wrapped)
         batch = GlobalBatch(self.accelerator)
@@ -201,6 +204,10 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
             denoiser.enable_gradient_checkpointing()
             # transformers calls `activation_checkpointing_enable`, which diffusers models name differently.
             denoiser.activation_checkpointing_enable = lambda **_: None
+        if args.use_channels_last(self.family.convolutional_denoiser):
+            denoiser.to(memory_format=torch.channels_last)  # the reference and annotators copy it, strides included
+        if not self.family.uses_sdpa():
+            logger.warning(f"Attention processors without scaled_dot_product_attention: {self.family.attention_processors()}")
         return denoiser
 
     def _prepare_reference(self, ref_model, denoiser, peft_config):

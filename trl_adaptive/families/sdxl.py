@@ -30,6 +30,7 @@ class StableDiffusionXLFamily(DiffusionFamily):
     """
 
     pipeline_classes = (StableDiffusionXLPipeline,)
+    convolutional_denoiser = True
     upcast_forced_vae = True
     frozen_components = ("text_encoder", "text_encoder_2", "vae")
 

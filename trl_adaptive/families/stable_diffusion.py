@@ -18,6 +18,7 @@ class StableDiffusionFamily(DiffusionFamily):
     """
 
     pipeline_classes = (StableDiffusionPipeline,)
+    convolutional_denoiser = True
 
     def tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
         return tokenizer(
