@@ -404,7 +404,7 @@ def reference_loop_phases(case: Case, template, batches, opts, device, weight_dt
     case.peak_bytes = None if peak is None else max(peak, case.peak_bytes or 0)
     yield
     if not count:
-        del pipe, unet, vae, text_encoder, reference, optimizer
+        pipe = unet = vae = text_encoder = reference = optimizer = None  # free them (the closures share these cells)
         free(device)
         return
 
@@ -423,7 +423,7 @@ def reference_loop_phases(case: Case, template, batches, opts, device, weight_dt
             case.extra["unet_forward_flops_per_image"] = count_flops(
                 lambda: unet(latents, torch.tensor([500], device=device), **conditioning)
             )
-    del pipe, unet, vae, text_encoder, reference, optimizer
+    pipe = unet = vae = text_encoder = reference = optimizer = None  # free them (the closures share these cells)
     free(device)
 
 
@@ -498,7 +498,7 @@ def ours_phases(case: Case, template, dataset, opts, device, count: bool = True,
         case.flops = (refresh + (case.interval - 1) * cheap) / case.interval
     else:
         case.flops = counted_step(0)
-    del trainer, model, pipe, batch
+    trainer = model = pipe = batch = None  # free them (counted_step's closure shares these cells)
     shutil.rmtree(output_dir, ignore_errors=True)
     free(device)
 
