@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 #: Tensor methods that read values to the host.
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__")
-#: Methods whose output shape depends on the values (a host read of the size on a GPU).
+#: Methods whose output shape depends on the values (a host read of the size on a GPU). Also counted: indexing with
+#: a boolean mask (the same) and with a Python list (copied to the device: a blocking host-to-device copy).
 DATA_DEPENDENT = ("nonzero", "unique", "masked_select", "argwhere")
 
 
@@ -60,6 +61,8 @@ class HostReadCounter:
             def indexed(tensor, index, *args):
                 if _has_mask(index):
                     self._count(f"{name}[bool mask]")
+                if _has_host_list(index):
+                    self._count(f"{name}[list]")
                 return original(tensor, index, *args)
             return indexed
 
@@ -86,6 +89,12 @@ class HostReadCounter:
 def _has_mask(index) -> bool:
     indices = index if isinstance(index, tuple) else (index,)
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim() > 0 for i in indices)
+
+
+def _has_host_list(index) -> bool:
+    """Indexing with a Python list: on a GPU the list is copied to the device first, a blocking copy."""
+    indices = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, list) for i in indices)
 
 
 def _counted(counter: HostReadCounter, window: str, fn):
