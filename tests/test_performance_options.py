@@ -110,3 +110,26 @@ def test_torch_compile_trains_lora_with_gradient_checkpointing(tmp_path):
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before >= 2
     assert losses[True] == losses[False]
     torch._dynamo.reset()
+
+
+def test_training_steps_skip_the_mode_walk_but_not_a_mode_change(tmp_path, monkeypatch):
+    """`training_step` does not walk every module to set train mode again while the model is in train mode, and
+    still does after evaluation put it in eval mode."""
+    torch.set_flush_denormal(True)
+    args = tiny_args(tmp_path, adaptive=False, max_steps=1)
+    trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(4))
+    model, block = trainer.model, trainer.model.down_blocks[0]
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); the steps are called directly here
+    walks = []
+    original = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: walks.append(self) or original(self, mode))
+    model.train()
+    trainer.training_step(model, batch)  # the frozen reference follows the policy into train mode, once
+    walks.clear()
+    trainer.training_step(model, batch)
+    assert walks == []  # already in train mode (policy and reference): no walk
+    model.eval()
+    trainer.training_step(model, batch)
+    assert block in walks and block.training and model.training  # evaluation's eval mode is undone, as before
+    assert "train" not in vars(model)  # the per-step shortcut is removed again

@@ -92,7 +92,8 @@ class PairForwards:
             # (accelerate wraps only the prepared policy's forward) and in the same module mode (diffusers' ResNet
             # blocks take a different, differently rounded path in train mode). Like the LoRA reference (the policy
             # with adapters off), it therefore also shares the policy's dropout, which diffusers' UNets default to 0.
-            self.ref_model.train(denoiser.training)
+            if self.ref_model.training != denoiser.training:  # (a walk over every module: only when it changes)
+                self.ref_model.train(denoiser.training)
             with self.accelerator.autocast():
                 return self.family.predict(self.ref_model, noisy, timesteps, conditioning)
         with self._adapters_disabled(denoiser):

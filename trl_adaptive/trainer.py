@@ -16,6 +16,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from types import MethodType
 
 import torch
 from transformers import Trainer
@@ -41,6 +42,10 @@ from .robustness import GlobalBatch, PairStep, build_methods, combine
 from .sampling import SampleImagesCallback
 
 logger = logging.get_logger(__name__)
+
+
+def _train_if_mode_changes(module: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    return module if module.training == mode else torch.nn.Module.train(module, mode)
 
 TRAINING_ARGS_NAME = "training_args.bin"
 #: Where `skip_bad_rows` lists the rows it dropped (row, column, error per split).
@@ -233,6 +238,18 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
                                  max_margin=self.args.max_margin)
         loss = losses.mean()
         return (loss, out) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # The Trainer calls model.train() at every step: a walk over every module (1-2 ms of host time on the tiny
+        # UNet, 3.4 ms on SD 1.5's with LoRA; a launch-bound GPU step waits for it). Only evaluation and the sample
+        # callback change the mode, and both restore it, so while the model is in train mode the walk is skipped.
+        if not model.training:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train = MethodType(_train_if_mode_changes, model)
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            del model.train
 
     def annotators_due(self, training: bool) -> bool:
         """Whether this step's forward runs the EMA annotators (some robustness method wants them)."""
