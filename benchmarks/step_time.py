@@ -72,7 +72,7 @@ class Case:
     cached: bool = False
     batched: bool = True
     reference_loop: bool = False
-    filter_fields: dict = field(default_factory=dict)  # AdaptiveDPOConfig fields of a minority-filter case
+    config_fields: dict = field(default_factory=dict)  # AdaptiveDPOConfig fields (minority-filter cases, levers)
     step_times: list[float] = field(default_factory=list)  # wall seconds of every step, all rounds
     step_cpu_times: list[float] = field(default_factory=list)  # process CPU seconds of the same steps
     round_values: list[float] = field(default_factory=list)  # per round: median (mean for amortised) of the clock
@@ -389,6 +389,7 @@ def reference_loop_phases(case: Case, template, batches, opts, device, weight_dt
     if count:
         case.setup_s = time.perf_counter() - started
     yield
+    use_tf32(opts.default_tf32)  # the same TF32 setting as our default
     reset_peak(device)
     for i in range(opts.warmup + opts.steps):
         batch = batches[i % len(batches)]
@@ -404,7 +405,7 @@ def reference_loop_phases(case: Case, template, batches, opts, device, weight_dt
     case.peak_bytes = None if peak is None else max(peak, case.peak_bytes or 0)
     yield
     if not count:
-        del pipe, unet, vae, text_encoder, reference, optimizer
+        pipe = unet = vae = text_encoder = reference = optimizer = None  # free them (the closures share these cells)
         free(device)
         return
 
@@ -423,7 +424,7 @@ def reference_loop_phases(case: Case, template, batches, opts, device, weight_dt
             case.extra["unet_forward_flops_per_image"] = count_flops(
                 lambda: unet(latents, torch.tensor([500], device=device), **conditioning)
             )
-    del pipe, unet, vae, text_encoder, reference, optimizer
+    pipe = unet = vae = text_encoder = reference = optimizer = None  # free them (the closures share these cells)
     free(device)
 
 
@@ -434,7 +435,7 @@ def reference_loop_phases(case: Case, template, batches, opts, device, weight_dt
 
 def make_args(opts, output_dir: str, case: Case) -> AdaptiveDPOConfig:
     weight_dtype = opts.dtype
-    return AdaptiveDPOConfig(
+    fields = dict(
         output_dir=output_dir,
         resolution=opts.resolution,
         per_device_train_batch_size=opts.batch,
@@ -454,8 +455,8 @@ def make_args(opts, output_dir: str, case: Case) -> AdaptiveDPOConfig:
         disable_tqdm=True,
         dataloader_num_workers=0,
         activation_checkpointing=opts.gradient_checkpointing,
-        **case.filter_fields,
     )
+    return AdaptiveDPOConfig(**{**fields, **case.config_fields})  # a lever may override any of these
 
 
 def ours_phases(case: Case, template, dataset, opts, device, count: bool = True, baton=None):
@@ -476,6 +477,7 @@ def ours_phases(case: Case, template, dataset, opts, device, count: bool = True,
         trainable = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
         case.extra.update(annotator_state_bytes=state, trainable_param_bytes=trainable)
     yield
+    use_tf32(trainer.args.tf32)
     trainer.train()
     yield
     if not count:
@@ -498,7 +500,7 @@ def ours_phases(case: Case, template, dataset, opts, device, count: bool = True,
         case.flops = (refresh + (case.interval - 1) * cheap) / case.interval
     else:
         case.flops = counted_step(0)
-    del trainer, model, pipe, batch
+    trainer = model = pipe = batch = None  # free them (counted_step's closure shares these cells)
     shutil.rmtree(output_dir, ignore_errors=True)
     free(device)
 
@@ -546,6 +548,8 @@ def summarise(case: Case, opts) -> dict:
         "peak_bytes": case.peak_bytes,
         "setup_s": case.setup_s,
         "num_timed_steps": len(timed_wall),
+        "step_wall_s": timed_wall,  # every timed step, rounds one after another (for paired ratios)
+        "step_cpu_s": timed_cpu,
         **case.extra,
     }
 
@@ -619,6 +623,21 @@ def print_report(results: dict[str, dict], opts, device) -> None:
     line("(p)/(b) contrast filter, training-draw votes / plain", "p", "b")
     line("(p+cache)/(b+cache)", "p+cache", "b+cache")
     line("(p2)/(b) contrast filter, 2 extra draws / plain", "p2", "b")
+    for name in results:  # the levers: each case '<base>[FIELD=VALUE]' against its base
+        base = name.split("[")[0]
+        if "[" in name and base in results:
+            speedup = 1.0 / round_ratio(results, name, base)
+            print(f"lever {name[len(base):]}: {speedup:.3f}x the pairs/s of ({base}) "
+                  f"({'faster' if speedup > 1 else 'slower'}; {clock}, median over rounds)")
+    if "a" in results and "b" in results and opts.interleave:
+        # Side by side, step i of (a) and step i of (b) ran next to each other under the same load: their ratios,
+        # step by step, are less noisy than the ratio of medians.
+        key = "step_cpu_s" if opts.clock == "cpu" else "step_wall_s"
+        paired = [b / a for a, b in zip(results["a"][key], results["b"][key])]
+        q = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+        print(f"(b)/(a) step by step ({clock}, {len(paired)} paired steps): median {statistics.median(paired):.3f}, "
+              f"quartiles {q[0]:.3f}-{q[-1]:.3f} [target <= 1.02 on CPU: "
+              f"{'met' if statistics.median(paired) <= 1.02 else 'MISSED'}]")
     if "a" in results:
         for name in ("b", "b+cache", "c+cache", "d+cache"):
             if name in results:
@@ -672,6 +691,17 @@ def parse_args(argv=None):
         help="what the ratios use: wall time, or process CPU time (default: wall on GPU, cpu on CPU, where a shared "
         "machine's load inflates wall time; CPU time is only meaningful with --threads 1)",
     )
+    parser.add_argument(
+        "--levers", default="",
+        help="comma-separated AdaptiveDPOConfig overrides FIELD=VALUE (Python literals), each timed as an extra case "
+        "'<base>[FIELD=VALUE]' beside --lever-base, e.g. torch_compile=True,channels_last=False,optim='adamw_torch'",
+    )
+    parser.add_argument("--lever-base", default="b", help="the case the --levers vary (default b)")
+    parser.add_argument(
+        "--batches", default="",
+        help="comma-separated pairs per step to sweep (ascending): every case runs at each size (one round each); the "
+        "first size that runs out of GPU memory ends the sweep, and the size with the most pairs/s is reported",
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
         "--flops-only", action="store_true",
@@ -706,20 +736,49 @@ def build_cases(opts) -> list[Case]:
         "d": Case("d", f"ours, amortised (interval {n})", adaptive=True, interval=n),
         "d+cache": Case("d+cache", f"ours, amortised (interval {n}), cached", adaptive=True, interval=n, cached=True),
         "d/seq": Case("d/seq", "d+cache, sequential annotators", adaptive=True, interval=n, cached=True, batched=False),
-        "f": Case("f", "ours, DPO + minority filter (training-draw evidence)", filter_fields=POLICY_FILTER),
-        "f+cache": Case("f+cache", "ours, DPO + minority filter, cached", filter_fields=POLICY_FILTER, cached=True),
-        "p": Case("p", "ours, DPO + contrast filter (training-draw votes)", filter_fields=CONTRAST_FILTER),
-        "p+cache": Case("p+cache", "ours, DPO + contrast filter, cached", filter_fields=CONTRAST_FILTER, cached=True),
+        "f": Case("f", "ours, DPO + minority filter (training-draw evidence)", config_fields=POLICY_FILTER),
+        "f+cache": Case("f+cache", "ours, DPO + minority filter, cached", config_fields=POLICY_FILTER, cached=True),
+        "p": Case("p", "ours, DPO + contrast filter (training-draw votes)", config_fields=CONTRAST_FILTER),
+        "p+cache": Case("p+cache", "ours, DPO + contrast filter, cached", config_fields=CONTRAST_FILTER, cached=True),
         "p2": Case("p2", "ours, DPO + contrast filter, 2 extra draws",
-                   filter_fields=dict(CONTRAST_FILTER, minority_evidence_draws=2)),
+                   config_fields=dict(CONTRAST_FILTER, minority_evidence_draws=2)),
     }
     names = [c.strip() for c in opts.cases.split(",") if c.strip()]
-    unknown = [c for c in names if c not in catalogue]
+    unknown = [c for c in names + [opts.lever_base] if c not in catalogue]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {list(catalogue)}")
     if not opts.lora:
         names = [c for c in names if not c.endswith("/seq")]  # batching applies to LoRA annotators only
-    return [catalogue[c] for c in names]
+    cases = [catalogue[c] for c in names]
+    base = catalogue[opts.lever_base]
+    for spec, fields in parse_levers(opts.levers):
+        cases.append(Case(f"{base.name}[{spec}]", f"{base.description}, {spec}", adaptive=base.adaptive,
+                          interval=base.interval, cached=base.cached, batched=base.batched,
+                          config_fields={**base.config_fields, **fields}))
+    return cases
+
+
+def parse_levers(text: str) -> list[tuple[str, dict]]:
+    """'a=1,b=x' -> [('a=1', {'a': 1}), ('b=x', {'b': 'x'})] (values as Python literals, else strings)."""
+    import ast
+
+    levers = []
+    for spec in (s.strip() for s in text.split(",") if s.strip()):
+        name, _, value = spec.partition("=")
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        levers.append((spec, {name.strip(): parsed}))
+    return levers
+
+
+def use_tf32(enabled: bool | None) -> None:
+    """Set the process-wide TF32 flags (each case's own: a config with `tf32` set changes them for every later case)."""
+    if enabled is not None and torch.cuda.is_available():
+        from transformers.utils.import_utils import enable_tf32
+
+        enable_tf32(bool(enabled))
 
 
 def main(argv=None) -> dict[str, dict]:
@@ -742,6 +801,9 @@ def main(argv=None) -> dict[str, dict]:
     opts.dtype_name = opts.dtype or ("bf16" if device.type == "cuda" else "fp32")
     opts.dtype = opts.dtype_name
     weight_dtype = DTYPES[opts.dtype_name]
+    # Recorded in the JSON for benchmarks/gpu_summary.py.
+    opts.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    opts.peak_flops, opts.torch_version = device_peak_flops(device, opts.dtype_name), torch.__version__
 
     if opts.arch_dir:
         template = random_pipeline(opts.arch_dir, seed=0)
@@ -752,10 +814,36 @@ def main(argv=None) -> dict[str, dict]:
     opts.resolution = opts.resolution or (default_resolution(template) if opts.arch_dir else 64)
     if opts.arch_dir is None:  # the tiny VAE downsamples by 4: keep the UNet's sample size consistent
         template.unet.register_to_config(sample_size=opts.resolution // 4)
+    opts.cache_root = tempfile.mkdtemp(prefix="step-time-cache-")
+    sizes = [int(b) for b in opts.batches.split(",") if b.strip()] or [opts.batch]
+    sweep, results = {}, {}
+    for size in sizes:
+        opts.batch = size
+        try:
+            results = run_cases(opts, template, device, weight_dtype)
+        except torch.OutOfMemoryError as error:  # the sweep's end: this size does not fit
+            print(f"batch {size}: out of GPU memory ({str(error).splitlines()[0][:120]})")
+            sweep[size] = {"out_of_memory": True}
+            break
+        sweep[size] = results
+    free(device)
+    shutil.rmtree(opts.cache_root, ignore_errors=True)
+    if len(sizes) > 1:
+        print_sweep(sweep, opts, device)
+    if opts.json:
+        payload = {"settings": {k: str(v) for k, v in vars(opts).items()}, "results": results}
+        if len(sizes) > 1:
+            payload["sweep"] = {str(k): v for k, v in sweep.items()}
+        with open(opts.json, "w") as f:
+            json.dump(payload, f, indent=1)
+    return results
+
+
+def run_cases(opts, template, device, weight_dtype) -> dict[str, dict]:
+    """Every case at `opts.batch` pairs per step: set-up, rounds, report."""
     num_pairs = max(4 * opts.batch, 16)
     dataset, _ = prepare_preference_dataset(toy_preference_dataset(num_pairs=num_pairs, size=opts.resolution, seed=0))
-    opts.cache_dir = tempfile.mkdtemp(prefix="step-time-cache-")
-
+    opts.cache_dir = tempfile.mkdtemp(dir=opts.cache_root)
     arch = opts.arch_dir or f"{opts.arch} ({opts.resolution}px)"
     print(
         f"step_time: arch={arch} mode={'LoRA r=' + str(opts.rank) if opts.lora else 'full'} batch={opts.batch} pairs "
@@ -768,7 +856,8 @@ def main(argv=None) -> dict[str, dict]:
     # Made once, here: creating TrainingArguments resets accelerate's global state, which must not happen mid-round.
     from transformers import Trainer
 
-    opts.optimizer_spec = Trainer.get_optimizer_cls_and_kwargs(make_args(opts, tempfile.gettempdir(), Case("a", "")))
+    defaults = make_args(opts, tempfile.gettempdir(), Case("a", ""))
+    opts.optimizer_spec, opts.default_tf32 = Trainer.get_optimizer_cls_and_kwargs(defaults), defaults.tf32
     batches = None
     if any(c.reference_loop for c in cases):
         collator = PreferenceCollator(detect_schema(dataset.column_names), opts.resolution)
@@ -821,12 +910,29 @@ def main(argv=None) -> dict[str, dict]:
         for runner in runners:
             next(runner, None)
     results = {case.name: summarise(case, opts) for case in cases}
-    shutil.rmtree(opts.cache_dir, ignore_errors=True)
     print_report(results, opts, device)
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump({"settings": {k: str(v) for k, v in vars(opts).items()}, "results": results}, f, indent=1)
     return results
+
+
+def print_sweep(sweep: dict, opts, device) -> None:
+    """Pairs/s of every case at each batch size, and the size with the most pairs/s that fit in memory."""
+    peak = device_peak_flops(device, opts.dtype_name)
+    names = sorted({name for r in sweep.values() if "out_of_memory" not in r for name in r})
+    print("\nBatch sweep (pairs per step; MFU against the card's dense bf16 peak):")
+    print("| case | " + " | ".join(f"batch {b}" for b in sweep) + " | best |")
+    print("|---|" + "---|" * (len(sweep) + 1))
+    for name in names:
+        cells, best = [], None
+        for size, r in sweep.items():
+            if "out_of_memory" in r:
+                cells.append("out of memory")
+                continue
+            x = r.get(name)
+            mfu = f", MFU {x['achieved_flops'] / peak:.1%}" if peak and x and x["achieved_flops"] else ""
+            cells.append(f"{x['pairs_per_s']:.2f} pairs/s{mfu}, {fmt_bytes(x['peak_bytes'])}" if x else "-")
+            if x and (best is None or x["pairs_per_s"] > best[1]):
+                best = (size, x["pairs_per_s"])
+        print(f"| {name} | " + " | ".join(cells) + f" | {'batch %d' % best[0] if best else '-'} |")
 
 
 if __name__ == "__main__":

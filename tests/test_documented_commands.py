@@ -431,15 +431,23 @@ def parse_python_command(command: Command) -> None:
 
 
 def parse_gpu_step_time_script(command: Command) -> None:
-    """The GPU benchmark script: valid bash, and every step_time.py call in it parses."""
+    """The GPU benchmark script: valid bash, and every step_time.py call it would make (listed by its DRY_RUN=1 mode,
+    into a temporary folder) parses."""
+    import tempfile
+
     tokens = shlex.split(command.text)
     script = REPO_ROOT / tokens[1]
     subprocess.run(["bash", "-n", str(script)], check=True)
-    calls = re.findall(r"^run (\S+) (.*)$", script.read_text(), re.M)
-    assert calls
-    for _, args in calls:
-        args = args.replace('"$configs', "../shared/model-configs").replace('"', "")
-        parse_python_command(Command(f"python benchmarks/step_time.py {args}", command.where))
+    tiny = tokens[2:3] == ["--tiny"]
+    rest = tokens[3:] if tiny else tokens[2:]
+    configs = rest[1:2] or ["../shared/model-configs"]
+    with tempfile.TemporaryDirectory() as out:
+        listed = subprocess.run(["bash", str(script), *(["--tiny"] if tiny else []), out, *configs], check=True,
+                                env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True).stdout
+    calls = re.findall(r"^== \S+ \(\d+s elapsed\): (python benchmarks/step_time\.py .*)$", listed, re.M)
+    assert calls, listed
+    for call in calls:
+        parse_python_command(Command(call, command.where))
 
 
 def run_deepspeed_hostfile(commands, fixtures, tmp_path):

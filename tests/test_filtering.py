@@ -157,3 +157,28 @@ def test_pair_history_decay_weights_recent_visits_more():
     assert history.means_with_visits(2).tolist() == pytest.approx([0.25 / 1.75])
     with pytest.raises(ValueError, match="decay"):
         PairHistory(2, decay=1.0)
+
+
+def test_keep_mask_on_the_fixed_shape_history_equals_the_compacted_one():
+    """`PairHistory.means_or_nan` (one entry per row, NaN for rows not judged: no data-dependent shape, so no GPU
+    synchronisation) gives the same rule as the compacted means of the judged rows."""
+    from trl_adaptive.history import PairHistory
+
+    generator = torch.Generator().manual_seed(0)
+    history = PairHistory(40, decay=0.9)
+    for _ in range(6):
+        rows = torch.randint(0, 40, (8,), generator=generator)
+        history.record(rows, torch.cat([torch.randn(6, generator=generator), torch.randn(2, generator=generator) + 4]))
+    rows = torch.arange(40)
+    batch, visits = history.mean(rows), history.visit_counts(rows)
+    compact, padded = history.means_with_visits(2).float(), history.means_or_nan(2).float()
+    assert padded.isnan().any() and torch.equal(padded[~padded.isnan()], compact)
+    for method in ("top_fraction", "threshold", "mixture"):
+        kwargs = dict(fraction=0.2, threshold=0.5, min_visits=2, max_fraction=0.3, min_separation=0.5)
+        expected = minority_keep_mask(batch, visits, compact, method, **kwargs)
+        assert torch.equal(minority_keep_mask(batch, visits, padded, method, **kwargs), expected), method
+        assert (expected == 0).any(), method  # the rule dropped something: the comparison is not vacuous
+    # Fewer than two judged rows: nothing is dropped, as with the compacted form.
+    lonely = torch.full((40,), float("nan"))
+    lonely[3] = 9.0
+    assert minority_keep_mask(batch, visits, lonely, "threshold", threshold=0.0, min_visits=0).eq(1).all()

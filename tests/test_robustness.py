@@ -197,8 +197,8 @@ class _Metrics:
     def __init__(self):
         self.values = {}
 
-    def add(self, mode, name, value):
-        assert math.isfinite(value), name
+    def add(self, mode, name, value, present=None):  # values are device tensors, read at log time by the real one
+        assert math.isfinite(float(value)), name
         self.values[name] = value
 
     def add_pair_means(self, mode, per_pair):

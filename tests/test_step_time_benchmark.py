@@ -67,3 +67,44 @@ def test_flop_arithmetic_of_flow_matching_architectures(step_time):
     assert flux["denoiser_parameters"] / 1e9 == pytest.approx(11.90, rel=0.01)  # "12 B"
     assert flux["denoiser_forward"] / 1e12 == pytest.approx(21.50, rel=0.01)
     assert flux["text_encoders"] > 10 * sd35["text_encoders"] / 2  # T5-XXL at 512 tokens dominates the text cost
+
+
+def test_levers_and_batch_sweep(step_time, tmp_path, capsys):
+    """Each --levers override is timed as its own case beside its base; --batches runs every size and the JSON keeps
+    the sweep (what benchmarks/gpu_step_time.sh and gpu_summary.py read)."""
+    import json
+
+    path = tmp_path / "sweep.json"
+    results = step_time.main(
+        ["--batch", "1", "--steps", "2", "--warmup", "1", "--interval", "2", "--rounds", "1", "--rank", "4",
+         "--cases", "b", "--levers", "optim='adamw_torch'", "--batches", "1,2",
+         "--json", str(path)]
+    )
+    assert set(results) == {"b", "b[optim='adamw_torch']"}
+    assert results["b[optim='adamw_torch']"]["flops_per_step"] == pytest.approx(results["b"]["flops_per_step"])
+    saved = json.loads(path.read_text())
+    assert set(saved["sweep"]) == {"1", "2"} and saved["settings"]["batch"] == "2"
+    out = capsys.readouterr().out
+    assert "lever [optim='adamw_torch']" in out and "Batch sweep" in out
+    summary_dir = tmp_path / "out"
+    summary_dir.mkdir()
+    (summary_dir / "sweep-tiny.json").write_text(path.read_text())
+    spec = importlib.util.spec_from_file_location("gpu_summary", os.path.join(ROOT, "benchmarks", "gpu_summary.py"))
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    summary.main([str(summary_dir), "--commit", "abc123"])
+    printed = capsys.readouterr().out
+    assert "commit abc123" in printed and "best: " in printed
+
+
+def test_gpu_script_lists_every_part(tmp_path):
+    """The one-command GPU run, dry: every part's step_time.py command, in the order and form it would run."""
+    import subprocess
+
+    out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_step_time.sh"), str(tmp_path)],
+                         env={**os.environ, "DRY_RUN": "1", "COMMIT": "test"}, capture_output=True, text=True, check=True)
+    commands = [line for line in out.stdout.splitlines() if line.startswith("== ")]
+    assert [c.split()[1] for c in commands] == ["sd15-lora", "sd15-full", "sdxl-lora", "sdxl-full", "levers",
+                                                "sweep-sd15-lora", "sweep-sd15-full"]
+    assert all("--dtype bf16" in c for c in commands) and "torch_compile=True" in commands[4]
+    assert "commit test" in out.stdout

@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 
 from transformers.utils import logging
 
-from .data import PreferenceCollator, PreferenceSchema, dataset_columns, detect_schema, is_streamed
+from .data import ROW_INDEX_LIST, PreferenceCollator, PreferenceSchema, dataset_columns, detect_schema, is_streamed
 
 logger = logging.get_logger(__name__)
 
@@ -700,6 +700,8 @@ class CachedPreferenceCollator:
                     batch.setdefault(name, []).append(row[name])
         out: dict[str, Any] = {name: torch.stack(values) for name, values in batch.items()}
         out["prompts"] = prompts
+        if "row_index" in out:
+            out[ROW_INDEX_LIST] = out["row_index"].tolist()
         return out
 
 

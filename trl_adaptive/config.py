@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
+
+import torch
 
 from transformers import TrainingArguments
 
@@ -13,6 +17,43 @@ from .losses import DEFAULT_MISRANKED_WEIGHT, PREFERENCE_LOSSES
 from .robustness import validate_config as validate_robustness_options
 
 LATENT_SAMPLING = ("sample", "mean")
+#: Most data-loading workers `dataloader_num_workers=-1` starts per process (decoding and resizing two 512-1024 px
+#: JPEGs per pair keeps a few cores busy per GPU; more only costs memory).
+MAX_AUTO_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's or a job scheduler's share), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def data_workers(requested: int, on_gpu: bool, cpus: int | None = None, local_processes: int | None = None) -> int:
+    """`dataloader_num_workers` for this machine: -1 sizes it (see the field's help), a larger number than the CPUs per
+    local process is lowered to that number, with a warning."""
+    cpus = available_cpus() if cpus is None else cpus
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if local_processes is None else local_processes
+    per_process = max(cpus // max(local_processes, 1), 1)
+    if requested == -1:
+        return min(MAX_AUTO_WORKERS, per_process - 1) if on_gpu else 0
+    if requested > per_process:
+        warnings.warn(
+            f"dataloader_num_workers={requested} but this process has {per_process} CPU(s) ({cpus} available, "
+            f"{local_processes} local process(es)): using {per_process} workers (-1 sizes it to the machine)",
+            UserWarning,
+            stacklevel=4,  # the caller of AdaptiveDPOConfig(...)
+        )
+        return per_process
+    return requested
+
+
+def _cuda_training(args) -> bool:
+    return torch.cuda.is_available() and not args.use_cpu
+
+
+def _tf32_supported() -> bool:
+    from transformers.utils import is_torch_tf32_available
+
+    return is_torch_tf32_available()
 
 
 @dataclass
@@ -365,7 +406,55 @@ class AdaptiveDPOConfig(TrainingArguments):
             "own rows). False runs them one after another. Ignored without LoRA and under DeepSpeed."
         },
     )
+    channels_last: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the UNet's weights (policy, reference, EMA annotators) in channels_last memory format, which "
+            "the GPU's tensor-core convolutions prefer (NVIDIA NeMo uses it for Stable Diffusion). None (default): on "
+            "for UNet denoisers (SD 1.5, SDXL) on a CUDA GPU, off on the CPU (slower there: docs/performance.md) and for "
+            "transformer denoisers (SD3, Flux), which have almost no convolutions."
+        },
+    )
+    non_blocking_transfers: bool = field(
+        default=True,
+        metadata={
+            "help": "Copy each batch to the GPU without making the host wait (sets accelerate's "
+            "accelerator_config.non_blocking; with dataloader_pin_memory the copy overlaps the GPU's work). True (this "
+            "library's default): a blocking copy waits for every queued kernel first. No effect without a GPU."
+        },
+    )
     # ---- Overrides of TrainingArguments defaults ---------------------------------------------------------
+    dataloader_num_workers: int = field(
+        default=-1,
+        metadata={
+            "help": "Data-loading worker processes per training process (0: load in the training process). -1 (this "
+            "library's default): sized to the machine: on a CUDA GPU min(8, CPUs of this process / local processes - "
+            "1), on the CPU 0 (workers would compete with training for the same cores). A number above CPUs / local "
+            "processes (CPUs from os.sched_getaffinity, local processes from LOCAL_WORLD_SIZE) is lowered to it, with "
+            "a warning: torch warns too, and the workers would starve the training loop."
+        },
+    )
+    dataloader_pin_memory: bool = field(
+        default=True,
+        metadata={"help": "Collate batches into page-locked memory, which the GPU copies asynchronously "
+                  "(non_blocking_transfers). True as in transformers; ignored (set False) without a CUDA GPU."},
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "transformers' filter that leaves a NaN/Inf loss out of the logged average. False (this library's "
+            "default; transformers' is True): the filter tests every step's loss on the host, one GPU synchronisation "
+            "per step (docs/performance.md). A NaN/Inf loss then shows in the logged loss, which is what you want to see."
+        },
+    )
+    tf32: bool | None = field(
+        default=None,
+        metadata={
+            "help": "TF32 for float32 matmuls and convolutions on Ampere and later GPUs (transformers' flag). None (this "
+            "library's default): on where the GPU supports it (it speeds the float32 parts: VAE, text encoders, the "
+            "float32 master weights' work) and left alone elsewhere. False keeps full float32 precision."
+        },
+    )
     learning_rate: float = field(
         default=1e-5, metadata={"help": "AdamW learning rate. Default 1e-5 (diffusers LoRA recipe, Adaptive-DPO README)."}
     )
@@ -416,7 +505,22 @@ class AdaptiveDPOConfig(TrainingArguments):
         require("cache_block_rows", self.cache_block_rows >= 1, ">= 1")
         if self.remove_unused_columns:
             raise ValueError("AdaptiveDPOConfig.remove_unused_columns must be False (the collator needs raw columns)")
+        require("dataloader_num_workers", self.dataloader_num_workers >= -1, ">= 0, or -1 (sized to the machine)")
+        on_gpu = _cuda_training(self)
+        self.dataloader_num_workers = data_workers(self.dataloader_num_workers, on_gpu)
+        if not on_gpu:
+            self.dataloader_pin_memory = False  # nothing to pin for (torch warns)
+        if self.tf32 is None and on_gpu and _tf32_supported():
+            self.tf32 = True
         super().__post_init__()
+        if self.non_blocking_transfers and self.dataloader_pin_memory:
+            self.accelerator_config.non_blocking = True
+
+    def use_channels_last(self, convolutional_denoiser: bool) -> bool:
+        """`channels_last` for a denoiser (None: on for a convolutional one on a CUDA GPU)."""
+        if self.channels_last is not None:
+            return self.channels_last
+        return convolutional_denoiser and _cuda_training(self)
 
     @property
     def effective_margin_scale(self) -> float:

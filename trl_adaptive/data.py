@@ -30,6 +30,10 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+#: Batch key of the rows' ``row_index`` as a Python list, which the collators add beside the tensor: the per-pair noise
+#: generators are seeded on the host (`trl_adaptive.noise`), and by the time the step runs the tensor is on the GPU.
+ROW_INDEX_LIST = "row_index_list"
+
 VALID_LABELS = (0.0, 0.5, 1.0)
 
 
@@ -497,6 +501,7 @@ class PreferenceCollator:
             "pixel_values_rejected": torch.stack(batch["rejected"]),
             "prompts": prompts,
             "row_index": torch.tensor(row_index, dtype=torch.long),
+            ROW_INDEX_LIST: row_index,
             "original_size_chosen": torch.tensor(batch["size_c"], dtype=torch.long),
             "original_size_rejected": torch.tensor(batch["size_r"], dtype=torch.long),
             "crop_top_left_chosen": torch.tensor(batch["crop_c"], dtype=torch.long),

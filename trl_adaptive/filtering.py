@@ -61,42 +61,62 @@ def prompt_contrast_evidence(own_errors: torch.Tensor, contrast_errors: torch.Te
     return (winners < losers).float()
 
 
+def upper_quantile(evidence_means: torch.Tensor, fraction: float) -> torch.Tensor:
+    """`top_fraction_threshold` as a 0-dim float64 tensor on the values' device, ignoring NaN entries (rows not yet
+    judged); NaN when no entry is judged (every comparison with it is False: nothing lies above it)."""
+    if fraction <= 0 or evidence_means.numel() == 0:  # numel: a shape, known without reading the values
+        value = float("inf") if fraction <= 0 else float("nan")
+        return torch.full((), value, dtype=torch.float64, device=evidence_means.device)
+    return torch.nanquantile(evidence_means.double(), 1.0 - fraction)
+
+
 def top_fraction_threshold(evidence_means: torch.Tensor, fraction: float) -> float:
     """Evidence value above which the ``fraction`` of pairs with the highest mean evidence lie (+inf for 0)."""
     if fraction <= 0 or evidence_means.numel() == 0:
         return float("inf")
-    return float(torch.quantile(evidence_means.double(), 1.0 - fraction))
+    return float(upper_quantile(evidence_means, fraction))
 
 
 def two_gaussian_mixture(values: torch.Tensor, iterations: int = 50) -> dict[str, torch.Tensor]:
-    """Fit a two-component 1-D Gaussian mixture by EM; component 1 is the one with the larger mean.
+    """Fit a two-component 1-D Gaussian mixture by EM; component 1 is the one with the larger mean. NaN entries (rows
+    not yet judged) are left out, by masks: the arithmetic has the same shapes whatever their number.
 
     Deterministic: the components start at the 25% and 75% quantiles with the overall variance. Returns the
     ``weights``, ``means`` and ``variances`` (each of shape (2,)).
     """
     x = values.double().flatten()
-    var = x.var(unbiased=False).clamp_min(1e-12)
-    means = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    judged = ~x.isnan()
+    count = judged.sum()
+    x, member = torch.where(judged, x, 0.0), judged.double()[:, None]
+    mean = x.sum() / count
+    var = ((x - mean).pow(2) * member[:, 0]).sum().div(count).clamp_min(1e-12)
+    means = torch.nanquantile(torch.where(judged, x, torch.nan), torch.tensor([0.25, 0.75], dtype=torch.float64,
+                                                                              device=x.device))
     variances = torch.stack([var, var])
-    weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    weights = torch.full((2,), 0.5, dtype=torch.float64, device=x.device)
     for _ in range(iterations):
         log_density = (
             -0.5 * (x[:, None] - means).pow(2) / variances - 0.5 * torch.log(2 * torch.pi * variances) + weights.log()
         )
-        resp = torch.softmax(log_density, dim=1)
+        resp = torch.softmax(log_density, dim=1) * member
         mass = resp.sum(dim=0).clamp_min(1e-12)
-        weights = mass / len(x)
+        weights = mass / count
         means = (resp * x[:, None]).sum(dim=0) / mass
         variances = ((resp * (x[:, None] - means).pow(2)).sum(dim=0) / mass).clamp_min(var * 1e-4)
     order = torch.argsort(means)
     return {"weights": weights[order], "means": means[order], "variances": variances[order]}
 
 
+def ashman_d(mixture: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`mixture_separation` as a 0-dim tensor (no read to the host)."""
+    means, variances = mixture["means"], mixture["variances"]
+    return (means[1] - means[0]).abs() / ((variances[0] + variances[1]) / 2).sqrt()
+
+
 def mixture_separation(mixture: dict[str, torch.Tensor]) -> float:
     """Ashman's D of a two-component mixture, ``|mu_1 - mu_0| / sqrt((var_0 + var_1) / 2)``: above ~2 the two
     components are clearly separated; a unimodal sample (no minority) gives a small D."""
-    means, variances = mixture["means"], mixture["variances"]
-    return float((means[1] - means[0]).abs() / ((variances[0] + variances[1]) / 2).sqrt())
+    return float(ashman_d(mixture))
 
 
 def mixture_minority_posterior(values: torch.Tensor, mixture: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -125,8 +145,9 @@ def minority_keep_mask(
 
     Args:
         evidence_means, visits: each batch pair's mean evidence and number of recorded visits.
-        all_evidence_means: mean evidence of every pair judged so far (>= ``min_visits`` visits), which sets the
-            threshold: the top ``fraction`` (``top_fraction``) or the pairs whose posterior under the upper component
+        all_evidence_means: mean evidence of every pair judged so far (>= ``min_visits`` visits), NaN entries for
+            rows not judged yet being ignored (`PairHistory.means_or_nan`: one entry per row, a fixed shape). It sets
+            the threshold: the top ``fraction`` (``top_fraction``) or the pairs whose posterior under the upper component
             of a two-Gaussian mixture exceeds 1/2 (``mixture``; the flip rate need not be known).
         threshold: ``threshold`` drops the pairs whose mean evidence exceeds it (with ``wrong_sign`` evidence, 0.5:
             ranked against their label on most of their recent votes); the flip rate need not be known.
@@ -134,23 +155,23 @@ def minority_keep_mask(
             evidence distribution, as with no minority, is split by any mixture fit; this keeps it whole).
         max_fraction: ``mixture`` and ``threshold`` never drop more than this share of pairs (their threshold is
             raised to that quantile).
-    Pairs with fewer than ``min_visits`` visits are always kept.
+    Pairs with fewer than ``min_visits`` visits are always kept. Only fixed-shape tensor operations, no branch
+    on a value: on a GPU the mask is computed without waiting for the device.
     """
-    if method == "none" or all_evidence_means.numel() < 2:
+    if method == "none":
         return torch.ones_like(evidence_means, dtype=torch.float32)
     means = evidence_means.double()
     if method == "top_fraction":
-        drop = means > top_fraction_threshold(all_evidence_means, fraction)
+        drop = means > upper_quantile(all_evidence_means, fraction)
     elif method == "threshold":
         drop = means > threshold
     elif method == "mixture":
         mixture = two_gaussian_mixture(all_evidence_means)
-        if mixture_separation(mixture) < min_separation:
-            return torch.ones_like(evidence_means, dtype=torch.float32)
-        drop = mixture_minority_posterior(evidence_means, mixture) > 0.5
+        drop = (mixture_minority_posterior(evidence_means, mixture) > 0.5) & (ashman_d(mixture) >= min_separation)
     else:
         raise ValueError(f"unknown minority filter {method!r}; allowed: {list(MINORITY_FILTERS)}")
     if method != "top_fraction":  # the rules that do not fix the share themselves are capped at max_fraction
-        drop &= means > top_fraction_threshold(all_evidence_means, max_fraction)
-    drop &= visits >= min_visits
+        drop &= means > upper_quantile(all_evidence_means, max_fraction)
+    drop &= visits.to(drop.device) >= min_visits
+    drop &= (~all_evidence_means.isnan()).sum().to(drop.device) >= 2  # fewer than 2 pairs judged: nothing to compare
     return (~drop).float()

@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_map
 from .filtering import prompt_contrast_evidence
 from .lora_batching import LoraFrozenForwards, supports_mixed_adapter_batches
 from .losses import denoising_error, dpo_logits
+from .data import ROW_INDEX_LIST
 from .noise import EVAL, TRAIN, pair_generators, pair_noise_and_timesteps
 
 
@@ -91,7 +92,8 @@ class PairForwards:
             # (accelerate wraps only the prepared policy's forward) and in the same module mode (diffusers' ResNet
             # blocks take a different, differently rounded path in train mode). Like the LoRA reference (the policy
             # with adapters off), it therefore also shares the policy's dropout, which diffusers' UNets default to 0.
-            self.ref_model.train(denoiser.training)
+            if self.ref_model.training != denoiser.training:  # (a walk over every module: only when it changes)
+                self.ref_model.train(denoiser.training)
             with self.accelerator.autocast():
                 return self.family.predict(self.ref_model, noisy, timesteps, conditioning)
         with self._adapters_disabled(denoiser):
@@ -125,7 +127,9 @@ class PairForwards:
         Training draws are keyed by the step; evaluation draws by the row only (the same at every evaluation)."""
         family = self.family
         step, purpose = (global_step, TRAIN) if model.training else (0, EVAL)
-        generators = pair_generators(self.seed, step, inputs["row_index"], self.accelerator.device, purpose, draw)
+        # The host copy of the rows, where the collator made one: seeding from the device tensor would wait for the GPU.
+        rows = inputs.get(ROW_INDEX_LIST, inputs["row_index"])
+        generators = pair_generators(self.seed, step, rows, self.accelerator.device, purpose, draw)
         latents = family.pair_latents(inputs, generator=generators)  # one VAE call for both images of every pair
         chosen = latents[: latents.shape[0] // 2]
         noise, pair_timesteps = pair_noise_and_timesteps(

@@ -3,7 +3,9 @@
 With LoRA, the reference is the base UNet (adapters off) and each EMA annotator is the base UNet plus its own
 low-rank update, so the no-gradient forwards of a step differ only in which LoRA update each row gets. peft's LoRA
 layers take ``adapter_names=[...]``, one name per row: the base layer runs once on the whole batch and each
-adapter's update is added to its own rows only (``"__base__"`` rows get none). This module adds extra adapters
+adapter's update is added to its own rows only (``"__base__"`` rows get none). Here the rows of each forward are
+contiguous blocks (reference, then annotator 0, 1, ...), so the updates are added by slices (`_add_block_updates`):
+peft's per-row index lists would copy a list to the GPU in every layer, a host synchronisation each. This module adds extra adapters
 ``ema_0``, ``ema_1``, ... whose weights *are* the EMA shadow tensors (no copy: the EMA update writes into them; held
 as plain tensors, so they are not model parameters or state), and runs reference + annotators as one call on a
 (1 + K) * 2B batch.
@@ -30,6 +32,19 @@ BASE = "__base__"
 def _inject_adapter_names(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+def _add_block_updates(module, args, kwargs, output, blocks):
+    """Forward hook of a LoRA layer run with only ``"__base__"`` rows: adds each adapter's LoRA update to its own
+    contiguous block of rows, as peft's mixed-adapter forward would (the same arithmetic per row). By slices, not
+    peft's per-row index lists: indexing a GPU tensor with a Python list copies the list to the device, a blocking
+    copy (a host synchronisation) per layer and adapter."""
+    x = args[0] if args else kwargs["x"]
+    for adapter, rows in blocks:
+        lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
+        update = lora_B(lora_A(module.lora_dropout[adapter](x[rows].to(lora_A.weight.dtype)))) * module.scaling[adapter]
+        output[rows] += update.to(output.dtype)
+    return output
 
 
 def _repeat_rows(tree, times: int):
@@ -91,11 +106,17 @@ class LoraFrozenForwards:
                 setattr(module, attribute, shadow)
 
     def _call(self, groups: list[str], family, denoiser, noisy, timesteps, conditioning) -> list[torch.Tensor]:
-        names = [group for group in groups for _ in range(noisy.shape[0])]
+        rows = noisy.shape[0]
+        # Every row "__base__" for peft (its base layer only), then each adapter's update on its block of rows.
+        names = [BASE] * (rows * len(groups))
+        blocks = [(group, slice(k * rows, (k + 1) * rows)) for k, group in enumerate(groups) if group != BASE]
         hooks = [
             layer.register_forward_pre_hook(partial(_inject_adapter_names, adapter_names=names), with_kwargs=True)
             for layer in self.lora_layers
         ]
+        if blocks:
+            hooks += [layer.register_forward_hook(partial(_add_block_updates, blocks=blocks), with_kwargs=True)
+                      for layer in self.lora_layers]
         try:
             with torch.no_grad():
                 if len(groups) > 1:

@@ -4,6 +4,11 @@ Every metric is a mean over the *global* batch (`GlobalBatch.gather`), so a logg
 many processes ran. The trainer records Diffusion-DPO's own metrics (`record_pairs`, names as TRL's DPOTrainer:
 ``rewards/chosen``, ``rewards/margins``, ...); the robustness methods add theirs (``minority/...``) through the same
 object, and `flush` moves the averages into the Trainer's log.
+
+Nothing here reads a value back to the host during a step: a step's metrics stay device tensors (one gather per
+group of per-pair metrics) until `flush`, which reads everything recorded since the last log in one transfer. A
+training step therefore never waits for the GPU because of its metrics (docs/performance.md, "A step without host
+synchronisation").
 """
 
 from __future__ import annotations
@@ -14,46 +19,61 @@ import torch
 
 from .losses import implicit_rewards
 
+#: Values kept per metric between two logs before they are folded into one running sum (bounds the memory of a run
+#: that never logs; folding sums on the device, so values logged after a fold may differ in the last bit).
+MAX_PENDING_VALUES = 4096
+
 
 class TrainingMetrics:
-    """Per-mode ("train" / "eval") lists of metric values since the last log.
+    """Per-mode ("train" / "eval") metric values since the last log, as device tensors.
 
     Args:
         batch: the run's `GlobalBatch`.
         keep_pair_statistics: keep the last training step's per-pair minority statistics of the global batch in
-            `last_pair_statistics` (the sample callback's histograms read them; off otherwise: no host copy).
+            `last_pair_statistics` (the sample callback's histograms read them; off otherwise). They stay on the
+            device; the reader copies them.
     """
 
     def __init__(self, batch, keep_pair_statistics: bool = False):
         self.batch = batch
         self.keep_pair_statistics = keep_pair_statistics
-        self.values: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        #: mode -> name -> list of (value, present): value a 0-dim tensor (or a float), present a 0-dim bool tensor
+        #: or None (always present). A value whose `present` is False is not counted (e.g. no flipped pair in a batch).
+        self.pending: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.folded: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {"train": {}, "eval": {}}
         self.last_pair_statistics: dict[str, torch.Tensor] = {}
 
-    def add(self, mode: str, name: str, value: float) -> None:
-        self.values[mode][name].append(value)
+    def add(self, mode: str, name: str, value: torch.Tensor | float, present: torch.Tensor | None = None) -> None:
+        """Record one value of a metric (a 0-dim tensor, left on its device; or a float); with `present`, a 0-dim bool
+        tensor, it counts only where that is True."""
+        values = self.pending[mode][name]
+        values.append((value.detach() if isinstance(value, torch.Tensor) else value, present))
+        if len(values) > MAX_PENDING_VALUES:
+            self._fold(mode, name)
 
     def add_pair_means(self, mode: str, per_pair: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Record the global-batch mean of each per-pair tensor; returns the gathered tensors."""
-        gathered = {name: self.batch.gather(v) for name, v in per_pair.items()}
-        for name, values in gathered.items():
-            self.add(mode, name, values.mean().item())
-        return gathered
+        """Record the global-batch mean of each per-pair tensor (all of one length); returns the gathered tensors.
+        One gather for all of them."""
+        names = list(per_pair)
+        gathered = self.batch.gather(torch.stack([per_pair[n].detach().float() for n in names], dim=1)).T.contiguous()
+        for name, mean in zip(names, gathered.mean(dim=1).unbind()):
+            self.add(mode, name, mean)
+        return dict(zip(names, gathered.unbind()))
 
     def keep_for_histograms(self, mode: str, name: str, gathered: torch.Tensor) -> None:
         if self.keep_pair_statistics and mode == "train":
-            self.last_pair_statistics[name] = gathered.cpu()
+            self.last_pair_statistics[name] = gathered.detach()
 
     def add_group_means(self, mode: str, values: torch.Tensor, inputs, flipped_name: str, clean_name: str) -> None:
         """On data with a ``flipped`` column (benchmarks): the means of the gathered per-pair `values` over the
-        flipped and over the clean pairs of the global batch, as `flipped_name` and `clean_name`."""
+        flipped and over the clean pairs of the global batch, as `flipped_name` and `clean_name` (each counted only
+        for batches that have such pairs)."""
         if "flipped" not in inputs:
             return
         flipped = self.batch.gather(inputs["flipped"].float()).bool()
-        if flipped.any():
-            self.add(mode, flipped_name, values[flipped].mean().item())
-        if (~flipped).any():
-            self.add(mode, clean_name, values[~flipped].mean().item())
+        for name, members in ((flipped_name, flipped), (clean_name, ~flipped)):
+            count = members.sum()
+            self.add(mode, name, torch.where(members, values, 0.0).sum() / count.clamp_min(1), present=count > 0)
 
     def record_pairs(self, mode: str, outputs: dict, beta: float) -> None:
         """Diffusion-DPO's metrics of a step: implicit rewards, their margins and accuracy, denoising losses."""
@@ -74,10 +94,52 @@ class TrainingMetrics:
             "denoising_loss/reference_rejected": r_l,
         })
 
+    # ---- reading (once per log) ----------------------------------------------------------------------------
+    def _fold(self, mode: str, name: str) -> None:
+        """Sum the pending values of a metric into its running (sum, count), on the device."""
+        values = self.pending[mode].pop(name)
+        device = next((v.device for v, _ in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        as_double = lambda x: torch.as_tensor(x, dtype=torch.float64, device=device)  # noqa: E731
+        present = torch.stack([as_double(1.0 if p is None else p) for _, p in values])
+        sums = torch.where(present > 0, torch.stack([as_double(v) for v, _ in values]), 0.0).sum()
+        counts = present.sum()
+        if name in self.folded[mode]:
+            previous = self.folded[mode][name]
+            sums, counts = sums + previous[0].to(sums.device), counts + previous[1].to(counts.device)
+        self.folded[mode][name] = (sums, counts)
+
+    def _read(self, mode: str) -> tuple[dict[str, list[float]], dict[str, tuple[float, float]]]:
+        """The pending values of every metric (those of batches where it was absent left out) and the folded
+        (sum, count) pairs, as floats, in one device-to-host transfer."""
+        pending, folded = self.pending[mode], self.folded[mode]
+        tensors = [t for values in pending.values() for v, p in values for t in (v, p) if isinstance(t, torch.Tensor)]
+        tensors += [t for pair in folded.values() for t in pair]
+        host = iter(torch.stack([t.double().to(tensors[0].device) for t in tensors]).tolist() if tensors else [])
+        values_read = {}
+        for name, values in pending.items():  # the order in which `tensors` listed them
+            kept = []
+            for value, present in values:
+                value = next(host) if isinstance(value, torch.Tensor) else value
+                if present is None or next(host):
+                    kept.append(value)
+            values_read[name] = kept
+        return values_read, {name: (next(host), next(host)) for name in folded}
+
+    def read(self, mode: str) -> dict[str, list[float]]:
+        """Every value recorded since the last log (or fold, `MAX_PENDING_VALUES`), per metric, as floats; reads the
+        device once and clears nothing."""
+        return self._read(mode)[0]
+
     def flush(self, mode: str, logs: dict[str, float]) -> None:
         """Add the mean of every metric recorded since the last log to `logs` (``eval_`` prefix in evaluation)."""
         prefix = "eval_" if mode == "eval" else ""
-        for name, values in self.values[mode].items():
-            if values:
-                logs[f"{prefix}{name}"] = sum(values) / len(values)
-        self.values[mode].clear()
+        values_read, folded = self._read(mode)
+        for name in {**folded, **values_read}:
+            total, count = folded.get(name, (0, 0))
+            for value in values_read.get(name, ()):  # in order, from 0: the same float sum as Python's sum()
+                total += value
+            count += len(values_read.get(name, ()))
+            if count:
+                logs[f"{prefix}{name}"] = total / count
+        self.pending[mode].clear()
+        self.folded[mode].clear()

@@ -30,12 +30,14 @@ _UINT64 = 2**64
 
 
 def pair_generators(
-    seed: int, step: int, row_index: torch.Tensor, device, purpose: int = TRAIN, draw: int = 0
+    seed: int, step: int, row_index: torch.Tensor | list[int], device, purpose: int = TRAIN, draw: int = 0
 ) -> list[torch.Generator]:
     """One generator per pair, seeded from (seed, purpose, step, row_index) and, for extra draws of the same pairs
-    at the same step (the minority filter's `minority_evidence_draws`), the draw number."""
+    at the same step (the minority filter's `minority_evidence_draws`), the draw number. The seeds are made on the
+    host: pass the rows as a list (the collators' ``row_index_list``); a GPU tensor is read back, a wait per step."""
     generators = []
-    for row in row_index.reshape(-1).tolist():
+    rows = row_index.reshape(-1).tolist() if isinstance(row_index, torch.Tensor) else list(row_index)
+    for row in rows:
         key = [int(v) % _UINT64 for v in (seed, purpose, step, row) + ((draw,) if draw else ())]
         state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
         generators.append(torch.Generator(device=device).manual_seed(int(state)))

@@ -75,7 +75,7 @@ class SampleImagesCallback(TrainerCallback):
             # Trainer's should_log flag and drop this step's training log).
             reward = float(self.scorer.score(images, self.prompts).mean())
             self.trainer.metrics.add("train", f"samples/{self.scorer.name}", reward)
-        histograms = {k: v.numpy() for k, v in self.trainer.metrics.last_pair_statistics.items()}
+        histograms = {k: v.cpu().numpy() for k, v in self.trainer.metrics.last_pair_statistics.items()}
         for callback in self.trainer.callback_handler.callbacks:
             for tracker, log in IMAGE_LOGGERS.items():
                 if isinstance(callback, tracker):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections import Counter
 from typing import Any
 
 import torch
@@ -43,6 +44,8 @@ class DiffusionFamily(ABC):
     upcast_forced_vae: bool = False
     #: Pipeline components that only run for inference (frozen); those the pipeline lacks or sets to None are skipped.
     frozen_components: tuple[str, ...] = ("text_encoder", "vae")
+    #: A denoiser made mostly of convolutions (a UNet), for which `AdaptiveDPOConfig.channels_last` matters.
+    convolutional_denoiser: bool = False
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
@@ -63,6 +66,16 @@ class DiffusionFamily(ABC):
         """Modules that are only run for inference (text encoders, VAE), by pipeline component name."""
         modules = {name: getattr(self.pipeline, name, None) for name in self.frozen_components}
         return {name: module for name, module in modules.items() if module is not None}
+
+    def attention_processors(self) -> dict[str, int]:
+        """How many attention layers of the denoiser use each diffusers attention processor class."""
+        return dict(Counter(type(p).__name__ for p in getattr(self.denoiser, "attn_processors", {}).values()))
+
+    def uses_sdpa(self) -> bool:
+        """Whether every attention layer goes through torch's `scaled_dot_product_attention` (flash / memory-efficient
+        kernels on a GPU): diffusers' default processors do; only its legacy `AttnProcessor` computes attention by
+        hand (tests/test_performance_options.py also counts the SDPA calls of a forward)."""
+        return "AttnProcessor" not in self.attention_processors()
 
     def check_not_partitioned(self) -> None:
         """Raise if a frozen module was built under DeepSpeed's `zero.Init` (its weights are empty placeholders): a

@@ -84,8 +84,16 @@ class FlowMatchingFamily(DiffusionFamily):
             TIMESTEP_DENSITIES[self.timestep_density], batch_size, logit_mean=self.logit_mean, logit_std=self.logit_std,
             mode_scale=self.mode_scale, device=device, generator=generator,
         )
-        indices = (u * allowed).long().clamp(0, allowed - 1).cpu()
-        return (table[indices] * self.noise_scheduler.config.num_train_timesteps).to(device)
+        indices = (u * allowed).long().clamp(0, allowed - 1)
+        return (self._table_on(indices.device)[indices] * self.noise_scheduler.config.num_train_timesteps).to(device)
+
+    def _table_on(self, device: torch.device) -> torch.Tensor:
+        """`sigma_table` on `device`, copied once (indexing the host table with device indices would read them back
+        to the host at every step)."""
+        cached = getattr(self, "_sigma_table_copy", None)
+        if cached is None or cached[0] is not self.sigma_table or cached[1].device != device:
+            cached = self._sigma_table_copy = (self.sigma_table, self.sigma_table.to(device))
+        return cached[1]
 
     def noise_level(self, timesteps: torch.Tensor) -> torch.Tensor:
         """sigma itself: the share of noise in x_t."""

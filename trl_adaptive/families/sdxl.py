@@ -30,6 +30,7 @@ class StableDiffusionXLFamily(DiffusionFamily):
     """
 
     pipeline_classes = (StableDiffusionXLPipeline,)
+    convolutional_denoiser = True
     upcast_forced_vae = True
     frozen_components = ("text_encoder", "text_encoder_2", "vae")
 
@@ -65,7 +66,8 @@ class StableDiffusionXLFamily(DiffusionFamily):
         """Adds each image's time ids to the pair conditioning (winners' rows first, then losers')."""
         hidden = conditioning["encoder_hidden_states"]
         num_pairs, device = hidden.shape[0] // 2, hidden.device
-        target = torch.tensor([self._target_size(batch)], device=device).expand(num_pairs, 2)
+        # Made on the host and copied without waiting (torch.tensor(..., device=cuda) would wait for the GPU's queue).
+        target = torch.tensor([self._target_size(batch)]).to(device, non_blocking=True).expand(num_pairs, 2)
         rows = []
         for key in ("chosen", "rejected"):
             size, crop = batch.get(f"original_size_{key}"), batch.get(f"crop_top_left_{key}")

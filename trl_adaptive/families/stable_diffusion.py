@@ -18,6 +18,7 @@ class StableDiffusionFamily(DiffusionFamily):
     """
 
     pipeline_classes = (StableDiffusionPipeline,)
+    convolutional_denoiser = True
 
     def tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
         return tokenizer(
@@ -27,7 +28,8 @@ class StableDiffusionFamily(DiffusionFamily):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, Any]:
         encoder = self.pipeline.text_encoder
-        ids = self.tokenize(self.pipeline.tokenizer, prompts).to(encoder.device)
+        # non_blocking: a plain copy of host data waits for the GPU to finish its queue (the ids are not reused).
+        ids = self.tokenize(self.pipeline.tokenizer, prompts).to(encoder.device, non_blocking=True)
         return {"encoder_hidden_states": encoder(ids)[0]}
 
     @torch.no_grad()

@@ -62,6 +62,8 @@ class AdaptiveDPO(RobustnessMethod):
         self.history = PairHistory(num_rows, decay=history_decay, growable=num_rows == 0) if num_rows is not None else None
 
     def setup(self, denoiser, accelerator) -> None:
+        if self.history is not None:
+            self.history.to(accelerator.device)  # recorded and read on the device: no step waits for it
         if len(self.args.annotator_decays) > 0:
             self.annotators = make_annotators(denoiser, self.args.annotator_decays, accelerator).to(accelerator.device)
             self.forwards.register_annotators(self.annotators)
@@ -110,7 +112,7 @@ class AdaptiveDPO(RobustnessMethod):
         )
         metrics.keep_for_histograms(mode, "minority/score", gathered["minority/score_mean"])
         metrics.keep_for_histograms(mode, "minority/weight", gathered["minority/weight_mean"])
-        metrics.add(mode, "minority/weight_min", gathered["minority/weight_mean"].min().item())
+        metrics.add(mode, "minority/weight_min", gathered["minority/weight_mean"].min())
         # Synthetic-minority runs: how well u separates flipped pairs (minority/score_flipped, minority/score_clean).
         metrics.add_group_means(mode, gathered["minority/score_mean"], step.inputs,
                                 "minority/score_flipped", "minority/score_clean")

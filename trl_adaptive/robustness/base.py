@@ -29,7 +29,8 @@ class GlobalBatch:
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """Mean over the last dimension across all processes (detached); keeps leading dimensions."""
         values = values.detach().float()
-        sums = torch.cat([values.sum(dim=-1).reshape(-1), values.new_tensor([values.shape[-1]])])
+        # The count by `new_full`, not `new_tensor([...])`: a tensor made from host data is a blocking copy on a GPU.
+        sums = torch.cat([values.sum(dim=-1).reshape(-1), values.new_full((1,), values.shape[-1])])
         sums = self.accelerator.reduce(sums, reduction="sum")
         return (sums[:-1] / sums[-1]).reshape(values.shape[:-1])
 
@@ -136,6 +137,10 @@ class RobustnessMethod:
 
     def on_optimizer_step(self, model: torch.nn.Module) -> None:
         """Called after every optimizer step with the unwrapped model."""
+
+    def on_log(self) -> None:
+        """Called when the trainer logs: the one place where a method may read its device state back to the host
+        (warnings, reports). `treat` and `on_optimizer_step` must not: a read makes the step wait for the GPU."""
 
     def save(self, folder: str, write: bool) -> None:
         """Save the state into a checkpoint folder. Called on every process (sharded state gathers, a collective);

@@ -39,7 +39,7 @@ def report_kept_pairs(keep: torch.Tensor, step: PairStep, batch: GlobalBatch, me
     """Log what a filter kept and dropped (``minority/kept_fraction``; on benchmark data with a ``flipped`` column,
     ``minority/flipped_dropped`` and ``minority/clean_dropped``); returns the keep weights of the global batch."""
     keep = batch.gather(keep)
-    metrics.add("train", "minority/kept_fraction", keep.mean().item())
+    metrics.add("train", "minority/kept_fraction", keep.mean())
     metrics.keep_for_histograms("train", "minority/keep", keep)
     metrics.add_group_means("train", 1 - keep, step.inputs, "minority/flipped_dropped", "minority/clean_dropped")
     return keep
@@ -90,6 +90,14 @@ class MinorityFilter(RobustnessMethod):
             self.history = PairHistory(num_rows, filename=EVIDENCE_FILE, decay=args.minority_evidence_decay,
                                        growable=num_rows == 0) if num_rows is not None else None
         self._regime_checked = False
+        # On the device until a log reads them (`on_log`): whether the filter has dropped a pair, and the evidence's
+        # regime (median |beta l|, or the reference's agreement with the labels) at the first step that did.
+        self._dropped: torch.Tensor | None = None
+        self._regime_at_first_drop: torch.Tensor | None = None
+
+    def setup(self, denoiser, accelerator) -> None:
+        if self.history is not None:
+            self.history.to(accelerator.device)  # recorded and read on the device: no step waits for it
 
     def treat(self, step: PairStep, metrics) -> PairTreatment | None:
         if not step.training or self.history is None:
@@ -98,7 +106,7 @@ class MinorityFilter(RobustnessMethod):
         keep = self.keep_mask(step)
         if keep is None:
             return None
-        self.check_regime(report_kept_pairs(keep, step, self.batch, metrics), step.logits)
+        self.watch_regime(report_kept_pairs(keep, step, self.batch, metrics), step.logits)
         return PairTreatment(weights=keep)
 
     # ---- evidence ------------------------------------------------------------------------------------------
@@ -110,8 +118,9 @@ class MinorityFilter(RobustnessMethod):
         evidence, valid = self.batch.gather(torch.cat(draws)), self.batch.gather(torch.cat(valid)).bool()
         # One visit: all its draws in one record (one decay step, one visit counted).
         self.history.record(self.batch.gather(step.rows.repeat(len(draws))), evidence, valid)
-        if valid.any():
-            metrics.add("train", "minority/evidence_mean", evidence[valid].mean().item())
+        counted = valid.sum()
+        metrics.add("train", "minority/evidence_mean", torch.where(valid, evidence, 0.0).sum() / counted.clamp_min(1),
+                    present=counted > 0)
 
     def visit_evidence(self, step: PairStep) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """This visit's evidence per draw (the training draw, then `minority_evidence_draws` extra ones) and which
@@ -159,7 +168,7 @@ class MinorityFilter(RobustnessMethod):
         keep = minority_keep_mask(
             history.mean(step.rows),
             history.visit_counts(step.rows),
-            history.means_with_visits(args.minority_filter_min_visits).float(),
+            history.means_or_nan(args.minority_filter_min_visits).float(),
             args.minority_filter,
             fraction=args.minority_filter_fraction,
             threshold=args.minority_filter_threshold,
@@ -169,21 +178,40 @@ class MinorityFilter(RobustnessMethod):
         )
         return keep.to(step.logits.device)
 
-    def check_regime(self, global_keep: torch.Tensor, logits: torch.Tensor) -> None:
-        """Warn once, when the filter first drops a pair, if its evidence is unlikely to help: with the policy's own
+    def watch_regime(self, global_keep: torch.Tensor, logits: torch.Tensor) -> None:
+        """Keep, on the device, the evidence's regime at the first step that drops a pair (`on_log` warns about it):
+        with the policy's own evidence the median |beta * l| of the global batch, with the reference's
+        `prompt_contrast` votes their agreement with the labels. Gathered values, so every process agrees."""
+        if self._regime_checked:
+            return
+        if self.args.minority_evidence == "prompt_contrast":
+            history = self.history
+            regime = 1.0 - history.total.sum() / history.weight.sum().clamp_min(1e-12)
+        else:
+            regime = (self.args.beta * self.batch.gather(logits)).abs().median().double()
+        if self._dropped is None:
+            self._dropped = torch.zeros((), dtype=torch.bool, device=global_keep.device)
+            self._regime_at_first_drop = torch.zeros((), dtype=torch.float64, device=global_keep.device)
+        first = (global_keep < 1).any() & ~self._dropped
+        self._regime_at_first_drop = torch.where(first, regime.to(self._regime_at_first_drop), self._regime_at_first_drop)
+        self._dropped = self._dropped | first
+
+    def on_log(self) -> None:
+        """Warn once, after the filter first dropped a pair, if its evidence is unlikely to help: with the policy's own
         evidence, if the loss is in the logistic regime, where that filter was measured to harm; with the reference's
-        `prompt_contrast` votes, if they barely agree with the labels (docs/minority_filter.md, "Limits"). Decided on
-        gathered values, so every process agrees."""
-        if self._regime_checked or not (global_keep < 1).any():
+        `prompt_contrast` votes, if they barely agree with the labels (docs/minority_filter.md, "Limits"). Read here,
+        once per log, not in the step (a read would make every step wait for the device)."""
+        if self._regime_checked or self._dropped is None:
+            return
+        dropped, regime = torch.stack([self._dropped.double(), self._regime_at_first_drop]).tolist()
+        if not dropped:
             return
         self._regime_checked = True
         if self.args.minority_evidence == "prompt_contrast":  # the reference's votes work in either regime
-            history = self.history
-            agreement = 1.0 - (history.total.sum() / history.weight.sum().clamp_min(1e-12)).item()
-            if agreement < PROMPT_CONTRAST_MIN_AGREEMENT:
+            if regime < PROMPT_CONTRAST_MIN_AGREEMENT:
                 warnings.warn(
                     f"minority_evidence='prompt_contrast' starts dropping pairs while the reference agrees with the "
-                    f"labels on only {agreement:.0%} of its votes (below {PROMPT_CONTRAST_MIN_AGREEMENT:.0%}): its "
+                    f"labels on only {regime:.0%} of its votes (below {PROMPT_CONTRAST_MIN_AGREEMENT:.0%}): its "
                     "judgement of prompt fidelity says little about this preference, and the filter would drop pairs "
                     "nearly at random. On the digits benchmark it agreed on 71-73% of the votes with clean labels and "
                     "59% at 30% flips (docs/minority_filter.md).",
@@ -191,11 +219,10 @@ class MinorityFilter(RobustnessMethod):
                     stacklevel=2,
                 )
             return
-        median = (self.args.beta * self.batch.gather(logits)).abs().median().item()
-        if median < FILTER_HINGE_REGIME_MIN:
+        if regime < FILTER_HINGE_REGIME_MIN:
             warnings.warn(
                 f"minority_filter={self.args.minority_filter!r} starts dropping pairs while the median |beta * l| is "
-                f"{median:.2f} (below {FILTER_HINGE_REGIME_MIN:g}: the logistic regime). The filter helped on the digits "
+                f"{regime:.2f} (below {FILTER_HINGE_REGIME_MIN:g}: the logistic regime). The filter helped on the digits "
                 "benchmark only with |beta * l| in the tens (a hinge-like loss); with |beta * l| near 1 it did not help "
                 "and broke some runs. Consider adaptive=True without the filter (docs/minority_filter.md, 'Limits').",
                 UserWarning,

@@ -95,7 +95,7 @@ def _recording_trainer_class():
             return (loss, out) if return_outputs else loss
 
         def log(self, logs, start_time=None):
-            for name, values in self.metrics.values["train"].items():  # kept for the run summary before log() clears
+            for name, values in self.metrics.read("train").items():  # kept for the run summary before log() clears
                 self.metric_history.setdefault(name, []).extend(values)
             super().log(logs, start_time)
 
