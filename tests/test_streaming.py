@@ -163,6 +163,13 @@ def test_stream_without_cache_on_several_processes_or_workers_is_refused_before_
     with pytest.raises(ValueError, match="without cache_dir needs dataloader_num_workers=0 \\(got 2\\)"):
         AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=tiny_args(tmp_path / "run", dataloader_num_workers=2),
                                     train_dataset=_stream(parquet_dir), peft_config=lora_config())
+    # The machine-sized default (-1: on a GPU machine several workers) is lowered to one reader instead of refused.
+    sized = tiny_args(tmp_path / "sized", max_steps=2, dataloader_num_workers=-1)
+    assert sized.workers_sized_to_machine
+    sized.dataloader_num_workers = 3  # what -1 gives on a GPU machine with a few cores
+    trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=sized, train_dataset=_stream(parquet_dir),
+                                          peft_config=lora_config())
+    assert trainer.args.dataloader_num_workers == 0
     monkeypatch.setattr(AdaptiveDPOConfig, "world_size", property(lambda self: 2))
     with pytest.raises(ValueError, match="streamed train_dataset trains on 2 processes only through the latent cache"):
         AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args=args, train_dataset=_stream(parquet_dir),

@@ -507,6 +507,7 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError("AdaptiveDPOConfig.remove_unused_columns must be False (the collator needs raw columns)")
         require("dataloader_num_workers", self.dataloader_num_workers >= -1, ">= 0, or -1 (sized to the machine)")
         on_gpu = _cuda_training(self)
+        self.workers_sized_to_machine = self.dataloader_num_workers == -1  # the trainer may lower them (streams)
         self.dataloader_num_workers = data_workers(self.dataloader_num_workers, on_gpu)
         if not on_gpu:
             self.dataloader_pin_memory = False  # nothing to pin for (torch warns)

@@ -116,6 +116,8 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
             )
         streamed = [name for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
                     if is_streamed(data)]
+        if streamed and args.cache_dir is None and getattr(args, "workers_sized_to_machine", False):
+            args.dataloader_num_workers = 0  # the machine-sized default: one reader keeps the stream's row ids in order
         if streamed and args.cache_dir is None and args.dataloader_num_workers > 0:
             # DataLoader workers would each read a share of the stream's files, numbering their rows from 0.
             raise ValueError(
