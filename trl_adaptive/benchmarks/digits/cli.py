@@ -44,9 +44,9 @@ def parse_args(argv=None):
                         "(repeatable), for sweeps; it overrides the shared settings too (e.g. beta).")
     parser.add_argument("--rater", choices=RATERS, default="fidelity",
                         help="Which rater ranks the pairs and rates the runs: 'fidelity' (default), the probability of "
-                        "the prompted digit, or 'style', boldness: the ink mass standardised within the prompted digit's "
-                        "class, scored against a target (a property the prompt does not determine; the fidelity "
-                        "reward is reported beside it).")
+                        "the prompted digit, or 'style', stroke weight: the ink mass standardised within the prompted "
+                        "digit's class, scored against the class's typical weight (a property the prompt does not "
+                        "determine; the fidelity reward is reported beside it).")
     parser.add_argument("--set-method", dest="method_overrides", action="append", default=[],
                         metavar="METHOD:FIELD=VALUE",
                         help="Extra AdaptiveDPOConfig field for one method of the grid (repeatable), for sweeps of "

@@ -1,7 +1,7 @@
 """The real digits (split between base model and rater), the model images as grey uint8, and the raters: the
 fidelity rater (soft logistic regression whose reward is the probability of the prompted digit) and the style rater
-(ink mass standardised within the prompted digit's class against a target boldness, a property the prompt
-does not determine)."""
+(ink mass standardised within the prompted digit's class, scored against the class's typical stroke weight, a
+property the prompt does not determine)."""
 
 from __future__ import annotations
 
@@ -72,22 +72,28 @@ class DigitRaterScorer(Scorer):
 
 
 class StyleRater:
-    """Boldness rater: does the image carry the ink of *bold* handwriting for its digit? A style property the prompt
-    does not determine.
+    """Stroke-weight rater: does the image carry the typical ink of its digit, neither thin nor heavy? A style
+    property the prompt does not determine.
 
     The ink mass of an image is its mean grey level in [0, 1] (stroke thickness times stroke length). It is
     standardised within the prompted digit's class on the real digits the fidelity rater trains on (a "one" carries
     less ink than an "eight"; the class mean and sd remove that): z = (ink - mean_d) / sd_d. The reward peaks at a
-    target boldness inside the range of real handwriting, reward = exp(-(z - target)^2 / (2 width^2)) in (0, 1],
-    target 1.5 sd above the class mean (the 93rd percentile of real digits), width 1.
+    target inside the range of real handwriting, reward = exp(-(z - target)^2 / (2 width^2)) in (0, 1], by default
+    at the class mean (target 0) with width 0.5: real digits and base samples score about 0.4.
 
-    Why peaked, not monotone: a first version, Phi(z), rewarded ink without bound, and Diffusion-DPO on clean pairs
-    turned the digits into blobs (z = 13.6 on average, reward 1.000, fidelity 0.13 against the base model's 0.54;
-    validation seed 100): a saturated benchmark that measures nothing. A preferred boldness inside the real range
-    can only be met, not exceeded (docs/results.md, "The style rater").
+    Why this shape (docs/results.md, "The style rater"; both earlier versions measured on validation seed 100 and,
+    the second, seed 0):
+
+    * Phi(z), monotone in ink: Diffusion-DPO on clean pairs turned the digits into blobs (z = 13.6 on average, reward
+      1.000, fidelity 0.13 against the base model's 0.54): saturated, it measures nothing.
+    * A target of bold handwriting (1.5 sd above the class mean): 93% of the base samples lie below it, so nearly every
+      pair says "more ink", offline Diffusion-DPO learns "more ink" and does not know where to stop: it landed on the
+      target on seed 100 (0.868) but ran past it on seed 0 (reward 0.004, z far above the target) and at 30% flips.
+    * At the class mean the pairs pull both ways (heavier strokes lighter, lighter ones heavier): no single direction
+      to run away in.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, target: float = 1.5, width: float = 1.0):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, target: float = 0.0, width: float = 0.5):
         if width <= 0:
             raise ValueError(f"StyleRater width must be > 0, got {width}")
         ink = images.reshape(len(images), -1).mean(axis=1)

@@ -43,13 +43,14 @@ class BenchmarkSettings:
     rater_c: float = 0.05
     #: Which rater ranks the preference pairs and rates the runs (`--rater`): "fidelity", the probability of the
     #: prompted digit (logistic regression, `rater_c`), or "style", the ink mass standardised within the prompted
-    #: digit's class, scored against a target boldness (`StyleRater`); with "style" the fidelity reward is reported
+    #: digit's class, scored against the class's typical stroke weight (`StyleRater`); with "style" the fidelity
+    #: reward is reported
     #: beside it.
     rater: str = "fidelity"
     #: The style rater's reward exp(-(z - target)^2 / (2 width^2)) of the standardised ink z (docs/results.md, "The
-    #: style rater": base samples score 0.42 on validation seed 100, real digits 0.42).
-    style_target: float = 1.5
-    style_width: float = 1.0
+    #: style rater").
+    style_target: float = 0.0
+    style_width: float = 0.5
     #: (flipped, clean) shares that the drop diagnostics remove from the filter's warm-up on (`--drop-shares`); None:
     #: MATCHED_DROP_SHARES, the shares the minority filter dropped at beta 2500.
     drop_shares: tuple[float, float] | None = None
