@@ -283,3 +283,26 @@ def test_weights_and_margins_are_detached(case):
         assert logits.requires_grad
         for value in (weights, margins):
             assert value is None or not value.requires_grad
+
+
+@pytest.mark.parametrize("field,value", [("dro_temperature", -1.0), ("dro_temperature", float("inf")),
+                                         ("dro_evidence", "visits"), ("dro_history_decay", 1.5),
+                                         ("dro_warmup_steps", -1)])
+def test_dro_fields_are_checked(field, value):
+    with pytest.raises(ValueError, match=f"AdaptiveDPOConfig.{field}"):
+        _args({field: value, "dro_temperature": 1.0} if field != "dro_temperature" else {field: value})
+
+
+def test_dro_weights_are_drdpo_softmax_of_the_losses():
+    """Dr. DPO's weights: B * softmax(-loss / tau) over the global batch, so mean 1 and lower for the pairs the model
+    ranks against their label; a very large tau gives plain Diffusion-DPO (weights 1)."""
+    methods = _methods(dict(adaptive=False, dro_temperature=0.5), _LocalAccelerator())
+    logits = torch.tensor([0.3, -0.2, 0.05, -0.01])
+    outputs = {"logits": [logits]}
+    weights = methods["dro"].treat(PairStep(outputs, {"row_index": torch.arange(4)}, 0, True), _Metrics()).weights
+    losses = torch.nn.functional.softplus(-10.0 * logits)  # beta 10, sigmoid loss
+    torch.testing.assert_close(weights, 4 * torch.softmax(-losses / 0.5, dim=0))
+    assert weights.mean().item() == pytest.approx(1.0) and weights.argmin().item() == 1
+    flat = _methods(dict(adaptive=False, dro_temperature=1e9), _LocalAccelerator())["dro"]
+    torch.testing.assert_close(flat.treat(PairStep(outputs, {"row_index": torch.arange(4)}, 0, True), _Metrics()).weights,
+                               torch.ones(4))

@@ -275,7 +275,8 @@ class AdaptiveDPOConfig(TrainingArguments):
             "help": "Dr. DPO's tau (trl_adaptive.robustness.dro): > 0 weights each pair by softmax(-loss_i / tau) over "
             "the global batch (scaled to mean 1), the gradient of -tau * log mean exp(-loss / tau), so pairs the model "
             "ranks strongly against their label count less; large tau is plain Diffusion-DPO. 0 (default) turns it "
-            "off. Needs no judge. Dr. DPO's paper uses 1 on language models; see docs/method.md for the digits sweep."
+            "off. Needs no judge. Dr. DPO's paper uses 1 on language models; on the digits benchmark it ended below "
+            "Diffusion-DPO (docs/results.md, 'Two raters'), so it is not recommended there."
         },
     )
     dro_evidence: str = field(

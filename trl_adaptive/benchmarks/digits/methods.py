@@ -73,8 +73,9 @@ CONTRAST_FILTER_OVERRIDES: dict = {
     "minority_filter_min_visits": 2,
     "minority_filter_warmup_steps": 0,
 }
-#: Dr. DPO (trl_adaptive/robustness/dro.py): tau searched on validation seeds on both raters (docs/results.md,
-#: "Methods on both raters").
+#: Dr. DPO (trl_adaptive/robustness/dro.py) at the paper's tau = 1, and this library's loss-history variant. Tried
+#: on validation seed 100 of the style rater (tau 1 and, for the history variant, 3 via --set-method): both below
+#: Diffusion-DPO (docs/results.md, "Two raters"). Not in the default grid.
 DRO_OVERRIDES: dict = {"adaptive": False, "dro_temperature": 1.0, "dro_evidence": "step"}
 DRO_HISTORY_OVERRIDES: dict = {"adaptive": False, "dro_temperature": 1.0, "dro_evidence": "history",
                                "dro_history_decay": 1.0}
