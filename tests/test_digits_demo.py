@@ -178,3 +178,90 @@ def test_the_rater_is_a_scorer_of_the_evaluation_module():
     for prompt in ("a handwritten digit", "one or two"):
         with pytest.raises(ValueError, match="names"):
             scorer.prompted_digit(prompt)
+
+
+def test_the_style_rater_scores_ink_for_the_digit_not_the_digit():
+    """The style rater: exp(-(z - target)^2 / (2 width^2)) of the ink mass z standardised within the prompted digit's
+    class on real digits. Centred on the real digits of each class (the prompt alone says nothing about the reward),
+    peaked at the target (heavier strokes help a light image and hurt a heavy one), ranked by |z - target| whatever
+    the width, and a Scorer like the fidelity rater."""
+    from PIL import Image
+
+    from trl_adaptive.benchmarks.digits.rater import StyleRater, StyleRaterScorer, make_rater, split_digits
+    from trl_adaptive.evaluation import score_images
+
+    x_train, x_test, y_train, y_test = split_digits(0)
+    rater = StyleRater(x_test, y_test)
+    real = (x_test * 255).round().astype(np.uint8)
+    z = rater.standardised_ink(real, y_test)
+    rewards = rater.rewards(real, y_test)
+    assert np.all((rewards > 0) & (rewards <= 1)) and 0.3 < rewards.mean() < 0.6  # well inside the range
+    for d in range(10):  # standardised within each class (up to the uint8 rounding of the images)
+        assert abs(z[y_test == d].mean()) < 0.02 and abs(z[y_test == d].std(ddof=1) - 1) < 0.02, d
+    light, heavy = int(np.argmin(z)), int(np.argmax(z))
+    for index, better in ((light, True), (heavy, False)):
+        heavier = np.clip(real[index:index + 1].astype(np.int32) + 25, 0, 255).astype(np.uint8)
+        gained = rater.rewards(heavier, y_test[index:index + 1])[0] > rewards[index]
+        assert gained == better
+    wide = StyleRater(x_test, y_test, width=2.0)
+    order = np.argsort(np.abs(z[:50] - rater.target), kind="stable")
+    assert np.all(np.diff(wide.rewards(real[:50], y_test[:50])[order]) <= 0)
+    scorer = StyleRaterScorer(rater)
+    prompts = [f"a handwritten {digits.DIGIT_WORDS[d]}" for d in y_test[:7]]
+    scores = score_images(scorer, [Image.fromarray(i, mode="L") for i in real[:7]], prompts, batch_size=3,
+                          progress=False)
+    np.testing.assert_array_equal(scores, rewards[:7])
+    assert scorer.name != "digit_rater"
+    settings = digits.BenchmarkSettings()
+    assert isinstance(make_rater("style", settings, x_test, y_test)[0], StyleRater)
+    with pytest.raises(ValueError, match="rater"):
+        make_rater("aesthetics", settings, x_test, y_test)
+    with pytest.raises(ValueError, match="width"):
+        StyleRater(x_test, y_test, width=0.0)
+
+
+def test_pairs_are_ranked_by_the_chosen_rater():
+    """build_pairs takes any rater with `rewards(images, digits)`: the chosen image has the higher reward."""
+    import torch
+
+    from trl_adaptive.benchmarks.digits.rater import StyleRater, split_digits
+
+    x_train, x_test, y_train, y_test = split_digits(0)
+    pipeline = digits.build_base_pipeline(0)
+    settings = digits.quick_settings()
+    settings.samples_per_class, settings.sampling_steps, settings.tie_gap = 8, 2, 1e-9
+    rater = StyleRater(x_test, y_test, width=100.0)  # untrained model: its images are far from real ink
+    torch.manual_seed(0)
+    pairs, info = digits.build_pairs(pipeline, rater, settings, seed=0)
+    chosen = np.stack([np.asarray(i.convert("L")) for i in pairs["chosen"]])
+    rejected = np.stack([np.asarray(i.convert("L")) for i in pairs["rejected"]])
+    named = np.array([digits.rater.DigitRaterScorer.prompted_digit(p) for p in pairs["prompt"]])
+    assert len(pairs) > 0 and np.all(rater.rewards(chosen, named) > rater.rewards(rejected, named))
+
+
+def test_rater_and_set_method_options(tmp_path):
+    settings = digits.settings_from_args(digits.parse_args(
+        ["--rater", "style", "--set-method", "dro:dro_temperature=0.5", "--set-method", "dro:dro_evidence=history"]))
+    assert settings.rater == "style"
+    config = digits.method_config("dro", 0.2, settings, seed=0, work_dir=str(tmp_path))
+    assert config.dro_temperature == 0.5 and config.dro_evidence == "history"
+    assert digits.method_config("dpo", 0.2, settings, seed=0, work_dir=str(tmp_path)).dro_temperature == 0.0
+    assert digits.settings_from_args(digits.parse_args([])).rater == "fidelity"
+    with pytest.raises(ValueError, match="--set-method"):
+        digits.settings_from_args(digits.parse_args(["--set-method", "nomethod:beta=1"]))
+
+
+@pytest.mark.timeout(600)
+def test_quick_style_demo_reports_fidelity_beside_the_style_reward(tmp_path):
+    """`trl-adaptive demo --rater style` on a reduced quick grid: runs rated by the style rater, with the fidelity
+    reward of the same images beside it in results.json and the table."""
+    out = tmp_path / "out"
+    digits.main(["--quick", "--rater", "style", "--methods", "dpo", "dro", "--flip-rates", "0.2", "--output-dir", str(out),
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--threads", "1", "--workers", "1"])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["rater"] == "style"
+    for key, run in saved["per_seed"][0]["runs"].items():
+        assert 0.0 <= run["reward"] <= 1.0, key
+        fidelity = run["other_rewards"]["digit_rater"]
+        assert 0.0 <= fidelity["tuned"] <= 1.0 and 0.0 <= fidelity["base"] <= 1.0, key
+    assert "digit_rater" in (out / "results.md").read_text()

@@ -12,7 +12,7 @@ import torch
 
 from .base_model import load_or_pretrain_base
 from .methods import METHOD_LABELS
-from .rater import DigitRater, split_digits
+from .rater import RATERS, DigitRater, DigitRaterScorer, make_rater, split_digits
 from .report import merge_reports, write_report
 from .runner import _quiet_libraries, run_seed
 from .settings import BenchmarkSettings, quick_settings
@@ -42,6 +42,15 @@ def parse_args(argv=None):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="Extra AdaptiveDPOConfig field for the two filter methods, 'filter' and 'filter_free' "
                         "(repeatable), for sweeps; it overrides the shared settings too (e.g. beta).")
+    parser.add_argument("--rater", choices=RATERS, default="fidelity",
+                        help="Which rater ranks the pairs and rates the runs: 'fidelity' (default), the probability of "
+                        "the prompted digit, or 'style', stroke weight: the ink mass standardised within the prompted "
+                        "digit's class, scored against the class's typical weight (a property the prompt does not "
+                        "determine; the fidelity reward is reported beside it).")
+    parser.add_argument("--set-method", dest="method_overrides", action="append", default=[],
+                        metavar="METHOD:FIELD=VALUE",
+                        help="Extra AdaptiveDPOConfig field for one method of the grid (repeatable), for sweeps of "
+                        "methods other than the two filters (e.g. 'dro:dro_temperature=0.5').")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="Runs trained at a time, each in its own process with --threads (default cpus / workers) threads (default "
@@ -85,6 +94,12 @@ def settings_from_args(args) -> BenchmarkSettings:
             raise ValueError(f"--drop-shares must be two shares in [0, 1], got {args.drop_shares}")
         settings.drop_shares = tuple(args.drop_shares)
     settings.filter_overrides.update(_parse_override(o) for o in args.overrides)
+    settings.rater = args.rater
+    for text in args.method_overrides:
+        method, sep, override = text.partition(":")
+        if not sep or method not in METHOD_LABELS:
+            raise ValueError(f"--set-method wants METHOD:FIELD=VALUE with a known method, got {text!r}")
+        settings.method_overrides.setdefault(method, {}).update([_parse_override(override)])
     return settings
 
 
@@ -101,9 +116,18 @@ def main(argv=None) -> dict:
         return merge_reports(args, argv)
 
     real_base, real_rater, labels_base, labels_rater = split_digits()
-    rater = DigitRater(real_rater, labels_rater, settings.rater_c)
+    fidelity = DigitRater(real_rater, labels_rater, settings.rater_c)
     print(f"Rater: logistic regression C={settings.rater_c} on {len(real_rater)} real digits held out from the base "
-          f"model; held-out accuracy {rater.held_out_accuracy:.3f}")
+          f"model; held-out accuracy {fidelity.held_out_accuracy:.3f}")
+    if settings.rater == "fidelity":
+        rater, scorer, extra_scorers = fidelity, DigitRaterScorer(fidelity), ()
+    else:
+        rater, scorer = make_rater(settings.rater, settings, real_rater, labels_rater)
+        extra_scorers = (DigitRaterScorer(fidelity),)
+        real_rewards = rater.rewards(np.round(real_rater * 255).astype(np.uint8), labels_rater)
+        print(f"Style rater (ranks the pairs, rates the runs): exp(-(z - {settings.style_target})^2 / "
+              f"(2 * {settings.style_width}^2)), z = ink mass standardised within the prompted digit's class on the "
+              f"same real digits (real digits score {real_rewards.mean():.3f}); the fidelity reward is reported beside it")
     base, base_folder = load_or_pretrain_base(args.cache_dir, settings, real_base, labels_base, progress)
     print(f"Base model: {base_folder}")
 
@@ -113,8 +137,8 @@ def main(argv=None) -> dict:
         for i, seed in enumerate(seeds):
             seed_results.append(run_seed(seed, settings, base, base_folder, rater, work_dir, progress, keep_samples=i == 0,
                                          visits_dir=args.output_dir if args.save_visits else None, workers=args.workers,
-                                         worker_threads=args.threads))
+                                         worker_threads=args.threads, scorer=scorer, extra_scorers=extra_scorers))
     if seed_results and seed_results[0]["samples"]:
         np.savez(os.path.join(args.output_dir, "samples.npz"), eval_digits=seed_results[0]["eval_digits"],
                  **seed_results[0]["samples"])
-    return write_report(args, argv, settings, seeds, seed_results, rater.held_out_accuracy, base_folder, start)
+    return write_report(args, argv, settings, seeds, seed_results, fidelity.held_out_accuracy, base_folder, start)

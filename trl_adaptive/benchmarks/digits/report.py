@@ -21,14 +21,21 @@ def markdown_table(summary: dict, settings: BenchmarkSettings, num_seeds: int) -
     def fmt(x, spec):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
+    other = sorted({name for e in summary.values() for name in e.get("other_rewards", {})})
+    rater = getattr(settings, "rater", "fidelity")
     lines = [
+        *([f"Rater: {rater} (ranks the pairs and rates the runs); beside it, the mean reward of the other rater(s) "
+           f"({', '.join(other)}: prompt fidelity; base model "
+           + ", ".join(f"{next(iter(summary.values()))['other_rewards_base'][n]:.4f}" for n in other)
+           + "), where reward hacking would show.", ""] if other else []),
         f"Mean rater reward of held-out generations (mean +- sd over {num_seeds} seed(s)); gap closed = "
         "(method - DPO) / (oracle - DPO); win rate vs the base model with 95% CI over seeds; AUROC of the method's "
         "per-pair mean minority score u against `flipped` (Adaptive-DPO runs), and of the per-pair mean of -l / rms(l) "
         "(the minority filter's evidence, recorded in every run).",
         "",
-        "| flips | method | reward | gain vs base | gap closed | win rate | AUROC u | AUROC -l |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| flips | method | reward | gain vs base | gap closed | win rate | AUROC u | AUROC -l |"
+        + "".join(f" {name} |" for name in other),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(other),
     ]
     for rate in settings.flip_rates:
         for method in settings.methods:
@@ -39,7 +46,9 @@ def markdown_table(summary: dict, settings: BenchmarkSettings, num_seeds: int) -
             win = f"{e['win_rate_mean']:.3f} +- {fmt(e['win_rate_ci95'], '.3f')}"
             gap = fmt(e.get("gap_closed"), ".0%") if rate > 0 else "-"
             lines.append(f"| {rate:.0%} | {METHOD_LABELS[method]} | {reward} | {e['gain_mean']:+.4f} | {gap} | {win} | "
-                         f"{fmt(e.get('auroc_u_pair_mean'), '.3f')} | {fmt(e.get('auroc_evidence_pair_mean'), '.3f')} |")
+                         f"{fmt(e.get('auroc_u_pair_mean'), '.3f')} | {fmt(e.get('auroc_evidence_pair_mean'), '.3f')} |"
+                         + "".join(f" {e['other_rewards'][n][0]:.4f} +- {fmt(e['other_rewards'][n][1], '.4f')} |"
+                                   if n in e.get("other_rewards", {}) else " - |" for n in other))
     return "\n".join(lines) + "\n"
 
 

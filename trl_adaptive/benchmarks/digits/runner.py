@@ -86,15 +86,18 @@ def train_method(base_folder: str, dataset, method: str, flip_rate: float, setti
 
 def run_seed(seed: int, settings: BenchmarkSettings, base, base_folder: str, rater: DigitRater, work_dir: str,
              progress: bool, keep_samples: bool, log=print, visits_dir: str | None = None, workers: int = 1,
-             worker_threads: int | None = None) -> dict:
+             worker_threads: int | None = None, scorer=None, extra_scorers: tuple = ()) -> dict:
     """Pairs, every (flip rate, method) run and their evaluation, for one seed; `workers` > 1 runs that many
-    (flip rate, method) runs at a time in worker processes (the runs are independent: each seeds itself)."""
+    (flip rate, method) runs at a time in worker processes (the runs are independent: each seeds itself).
+
+    `rater` ranks the pairs (anything with `rewards(images_uint8, digits)`); `scorer` rates the runs (default: the
+    fidelity rater's `DigitRaterScorer`), `extra_scorers` are reported beside it."""
     from tqdm.auto import tqdm
 
     from ...data import flip_labels
 
     pairs, pair_info = build_pairs(base, rater, settings, seed)
-    evaluation = evaluation_set(base, rater, settings, seed)
+    evaluation = evaluation_set(base, rater, settings, seed, scorer=scorer, extra_scorers=extra_scorers)
     result = {"seed": seed, "pairs": pair_info, "base_reward": float(evaluation["base_rewards"].mean(dtype=np.float64)), "runs": {}}
     samples = {"base": evaluation["base_images"]} if keep_samples else {}
     flipped_sets = {rate: flip_labels(pairs, rate, seed=seed) for rate in settings.flip_rates}
@@ -113,7 +116,8 @@ def run_seed(seed: int, settings: BenchmarkSettings, base, base_folder: str, rat
             np.savez(os.path.join(visits_dir, f"visits-seed{seed}-{key.replace('@', '-')}.npz"), **visits)
         finished[key] = run
         log(f"  seed {seed} {METHOD_LABELS[run['method']]:<40} flips {run['flip_rate']:.0%}: reward {run['reward']:.4f} "
-            f"(gain {run['reward_gain']:+.4f}), win rate {run['win_rate']:.3f}, {run['train_seconds']:.0f}s")
+            f"(gain {run['reward_gain']:+.4f}), win rate {run['win_rate']:.3f}, {run['train_seconds']:.0f}s"
+            + "".join(f", {name} {r['tuned']:.4f}" for name, r in run.get("other_rewards", {}).items()))
         if keep_samples and run["flip_rate"] == max(settings.flip_rates) and run["method"] in SAMPLED_METHODS:
             samples[key] = images
         bar.update(1)
@@ -151,6 +155,7 @@ def run_one(job: dict) -> dict:
         "win_rate": summary["win_rate"], "win_rate_ci_prompts": summary["win_rate_ci"],
         "detection": detection_metrics(visits), "filter_stats": filter_stats,
         "images": images, **({"visits": visits} if job["save_visits"] else {}),
+        **({"other_rewards": summary["other_rewards"]} if "other_rewards" in summary else {}),
     }
 
 

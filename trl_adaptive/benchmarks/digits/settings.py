@@ -41,11 +41,23 @@ class BenchmarkSettings:
     eval_samples_per_class: int = 30
     sampling_steps: int = 20
     rater_c: float = 0.05
+    #: Which rater ranks the preference pairs and rates the runs (`--rater`): "fidelity", the probability of the
+    #: prompted digit (logistic regression, `rater_c`), or "style", the ink mass standardised within the prompted
+    #: digit's class, scored against the class's typical stroke weight (`StyleRater`); with "style" the fidelity
+    #: reward is reported
+    #: beside it.
+    rater: str = "fidelity"
+    #: The style rater's reward exp(-(z - target)^2 / (2 width^2)) of the standardised ink z (docs/results.md, "The
+    #: style rater").
+    style_target: float = 0.0
+    style_width: float = 0.5
     #: (flipped, clean) shares that the drop diagnostics remove from the filter's warm-up on (`--drop-shares`); None:
     #: MATCHED_DROP_SHARES, the shares the minority filter dropped at beta 2500.
     drop_shares: tuple[float, float] | None = None
     #: AdaptiveDPOConfig fields of the 'filter' method (FILTER_OVERRIDES plus any --set).
     filter_overrides: dict = field(default_factory=lambda: dict(FILTER_OVERRIDES))
+    #: Extra AdaptiveDPOConfig fields per method (`--set-method METHOD:FIELD=VALUE`), applied after its overrides.
+    method_overrides: dict = field(default_factory=dict)
 
 
 def quick_settings() -> BenchmarkSettings:

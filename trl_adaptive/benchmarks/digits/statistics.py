@@ -115,6 +115,15 @@ def summarise(seed_results: list[dict], settings: BenchmarkSettings) -> dict:
                 "win_rate_mean": win[0], "win_rate_ci95": win[2],
                 "train_seconds_mean": float(np.mean([p["train_seconds"] for p in per_seed])),
             }
+            if all("other_rewards" in p for p in per_seed):  # the other raters' rewards (style runs: fidelity)
+                entry["other_rewards"] = {
+                    name: mean_ci([p["other_rewards"][name]["tuned"] for p in per_seed])[:2]
+                    for name in per_seed[0]["other_rewards"]
+                }
+                entry["other_rewards_base"] = {
+                    name: float(np.mean([p["other_rewards"][name]["base"] for p in per_seed]))
+                    for name in per_seed[0]["other_rewards"]
+                }
             dpo = [method_at(r["runs"], "dpo", rate) for r in seed_results]
             oracle = [method_at(r["runs"], "oracle", rate) for r in seed_results]
             if rate > 0 and all(oracle) and all(dpo):
