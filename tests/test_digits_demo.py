@@ -241,11 +241,11 @@ def test_pairs_are_ranked_by_the_chosen_rater():
 
 def test_rater_and_set_method_options(tmp_path):
     settings = digits.settings_from_args(digits.parse_args(
-        ["--rater", "style", "--set-method", "dro:dro_temperature=0.5", "--set-method", "dro:dro_evidence=history"]))
+        ["--rater", "style", "--set-method", "capped:misranked_weight=0.3", "--set-method", "capped:beta=50"]))
     assert settings.rater == "style"
-    config = digits.method_config("dro", 0.2, settings, seed=0, work_dir=str(tmp_path))
-    assert config.dro_temperature == 0.5 and config.dro_evidence == "history"
-    assert digits.method_config("dpo", 0.2, settings, seed=0, work_dir=str(tmp_path)).dro_temperature == 0.0
+    config = digits.method_config("capped", 0.2, settings, seed=0, work_dir=str(tmp_path))
+    assert config.misranked_weight == 0.3 and config.beta == 50
+    assert digits.method_config("dpo", 0.2, settings, seed=0, work_dir=str(tmp_path)).beta == settings.beta
     assert digits.settings_from_args(digits.parse_args([])).rater == "fidelity"
     with pytest.raises(ValueError, match="--set-method"):
         digits.settings_from_args(digits.parse_args(["--set-method", "nomethod:beta=1"]))
@@ -256,7 +256,7 @@ def test_quick_style_demo_reports_fidelity_beside_the_style_reward(tmp_path):
     """`trl-adaptive demo --rater style` on a reduced quick grid: runs rated by the style rater, with the fidelity
     reward of the same images beside it in results.json and the table."""
     out = tmp_path / "out"
-    digits.main(["--quick", "--rater", "style", "--methods", "dpo", "dro", "--flip-rates", "0.2", "--output-dir", str(out),
+    digits.main(["--quick", "--rater", "style", "--methods", "dpo", "capped", "--flip-rates", "0.2", "--output-dir", str(out),
                  "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--threads", "1", "--workers", "1"])
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["rater"] == "style"

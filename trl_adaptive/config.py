@@ -309,33 +309,6 @@ class AdaptiveDPOConfig(TrainingArguments):
         default=2, metadata={"help": "A pair is judged (and can be dropped) only after this many visits (extra draws do "
                              "not count as visits); one visit's votes are too few to judge a pair."}
     )
-    # ---- Distributionally robust reweighting (Dr. DPO) ----------------------------------------------------------
-    dro_temperature: float = field(
-        default=0.0,
-        metadata={
-            "help": "Dr. DPO's tau (trl_adaptive.robustness.dro): > 0 weights each pair by softmax(-loss_i / tau) over "
-            "the global batch (scaled to mean 1), the gradient of -tau * log mean exp(-loss / tau), so pairs the model "
-            "ranks strongly against their label count less; large tau is plain Diffusion-DPO. 0 (default) turns it "
-            "off. Needs no judge. Dr. DPO's paper uses 1 on language models; on the digits benchmark it ended below "
-            "Diffusion-DPO (docs/results.md, 'Two raters'), so it is not recommended there."
-        },
-    )
-    dro_evidence: str = field(
-        default="step",
-        metadata={
-            "help": "The loss Dr. DPO's weights are computed from: `step` (this step's draw, as published) or `history` "
-            "(the pair's mean loss over its visits so far, older visits discounted by dro_history_decay: one "
-            "diffusion draw's loss is noisy)."
-        },
-    )
-    dro_history_decay: float = field(
-        default=1.0,
-        metadata={"help": "For dro_evidence='history': weight of a pair's earlier visits per visit, in [0, 1] (1: plain "
-                  "mean over the visits; 0: this visit only, i.e. `step`)."},
-    )
-    dro_warmup_steps: int = field(
-        default=0, metadata={"help": "Optimizer steps of plain weights before Dr. DPO's reweighting starts (>= 0)."}
-    )
     # ---- Data --------------------------------------------------------------------------------------------
     resolution: int = field(
         default=512, metadata={"help": "Training resolution: images are resized (shorter side) and cropped to it."}

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from .adaptive import AdaptiveDPO
 from .base import GlobalBatch, PairStep, PairTreatment, RobustnessMethod, combine
-from .dro import DistributionallyRobustWeights
 from .minority_filter import MinorityFilter, report_kept_pairs
 
-ROBUSTNESS_METHODS: tuple[type[RobustnessMethod], ...] = (AdaptiveDPO, MinorityFilter, DistributionallyRobustWeights)
+ROBUSTNESS_METHODS: tuple[type[RobustnessMethod], ...] = (AdaptiveDPO, MinorityFilter)
 
 
 def validate_config(args) -> None:
@@ -47,15 +46,12 @@ def build_methods(args, train_dataset, batch: GlobalBatch, forwards) -> dict[str
     if MinorityFilter.enabled(args):
         scores = methods["adaptive"].history if "adaptive" in methods else None
         methods["minority_filter"] = MinorityFilter(args, num_rows, batch, forwards, scores_history=scores)
-    if DistributionallyRobustWeights.enabled(args):
-        methods["dro"] = DistributionallyRobustWeights(args, num_rows, batch, forwards)
     return methods
 
 
 __all__ = [
     "ROBUSTNESS_METHODS",
     "AdaptiveDPO",
-    "DistributionallyRobustWeights",
     "GlobalBatch",
     "MinorityFilter",
     "PairStep",

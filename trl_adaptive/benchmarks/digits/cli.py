@@ -50,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--set-method", dest="method_overrides", action="append", default=[],
                         metavar="METHOD:FIELD=VALUE",
                         help="Extra AdaptiveDPOConfig field for one method of the grid (repeatable), for sweeps of "
-                        "methods other than the two filters (e.g. 'dro:dro_temperature=0.5').")
+                        "methods other than the two filters (e.g. 'capped:misranked_weight=0.3').")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="Runs trained at a time, each in its own process with --threads (default cpus / workers) threads (default "

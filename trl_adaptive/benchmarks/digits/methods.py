@@ -32,10 +32,6 @@ def method_overrides(method: str, flip_rate: float, train_steps: int = 0, filter
         return {"adaptive": False, "loss_type": "capped_sigmoid"}
     if method == "contrast_filter":  # the minority filter on the reference's prompt-contrast votes (eleventh round)
         return dict(CONTRAST_FILTER_OVERRIDES)
-    if method == "dro":  # Dr. DPO's distributionally robust reweighting, on this step's losses (as published)
-        return dict(DRO_OVERRIDES)
-    if method == "dro_history":  # the same on each pair's mean loss over its visits (this library's variant)
-        return dict(DRO_HISTORY_OVERRIDES)
     if method in ("filter", "filter_free"):  # this library's minority filter (docs/minority_filter.md, docs/results.md)
         overrides = {"minority_filter_warmup_steps": int(FILTER_WARMUP_SHARE * train_steps)}
         overrides.update(FILTER_OVERRIDES if filter_overrides is None else filter_overrides)
@@ -73,12 +69,6 @@ CONTRAST_FILTER_OVERRIDES: dict = {
     "minority_filter_min_visits": 2,
     "minority_filter_warmup_steps": 0,
 }
-#: Dr. DPO (trl_adaptive/robustness/dro.py) at the paper's tau = 1, and this library's loss-history variant. Tried
-#: on validation seed 100 of the style rater (tau 1 and, for the history variant, 3 via --set-method): both below
-#: Diffusion-DPO (docs/results.md, "Two raters"). Not in the default grid.
-DRO_OVERRIDES: dict = {"adaptive": False, "dro_temperature": 1.0, "dro_evidence": "step"}
-DRO_HISTORY_OVERRIDES: dict = {"adaptive": False, "dro_temperature": 1.0, "dro_evidence": "history",
-                               "dro_history_decay": 1.0}
 #: Share of the fine-tuning steps spent gathering evidence before the filter drops anything.
 FILTER_WARMUP_SHARE = 1 / 3
 
@@ -91,8 +81,6 @@ METHOD_LABELS = {
     "filter": "minority filter (ours)",
     "filter_free": "minority filter, training draw only (ours)",
     "contrast_filter": "minority filter, reference prompt contrast (ours)",
-    "dro": "Dr. DPO reweighting (step losses)",
-    "dro_history": "Dr. DPO reweighting, per-pair loss history (ours)",
     "oracle": "oracle (flipped pairs removed)",
     # Diagnostic, not in the default grid: the true labels drop every flipped pair, but only from the step where the
     # minority filter starts dropping (after its warm-up): the ceiling of any filter that starts there.
