@@ -150,7 +150,9 @@ def case_args(name: str, output_dir: str, steps: int, **overrides):
         "filter_mixture": dict(filter_base, minority_filter="mixture", minority_evidence="logit"),
         "filter_threshold": dict(filter_base, minority_filter="threshold", minority_evidence="wrong_sign"),
         "filter_score": dict(filter_base, adaptive=True, minority_evidence="score", minority_evidence_draws=0),
-        "filter_prompt_contrast": dict(filter_base, minority_evidence="prompt_contrast"),
+        # The judge check decides on the first step (a low bar, so the filter goes on): its one read at the log counts.
+        "filter_prompt_contrast": dict(filter_base, minority_evidence="prompt_contrast", minority_filter_min_agreement=0.01,
+                                       minority_filter_agreement_votes=1),
     }
     return AdaptiveDPOConfig(**{**base, **cases[name], **overrides})
 

@@ -132,6 +132,7 @@ def _prompt_contrast_args(folder, **overrides):
         minority_filter="top_fraction", minority_filter_fraction=0.5, minority_evidence="prompt_contrast",
         minority_evidence_draws=1, minority_evidence_decay=0.0, minority_evidence_min_noise=0.0,
         minority_filter_min_visits=1, minority_filter_warmup_steps=1,
+        minority_filter_min_agreement=0.0,  # no judge check (it has its own test below)
     )
     values.update(overrides)
     return AdaptiveDPOConfig(**values)
@@ -176,26 +177,38 @@ def test_prompt_contrast_votes_come_from_the_reference_not_the_policy(tmp_path, 
     assert any("minority/evidence_mean" in log for log in trainer.state.log_history)
 
 
-def test_prompt_contrast_warns_when_the_reference_barely_agrees_with_the_labels(tmp_path, monkeypatch):
-    import trl_adaptive.robustness.minority_filter as filter_module
+def test_the_judge_check_turns_the_contrast_filter_off_when_the_reference_disagrees(tmp_path):
+    import json
 
     torch.set_flush_denormal(True)
 
-    def messages(minimum, folder):
-        monkeypatch.setattr(filter_module, "PROMPT_CONTRAST_MIN_AGREEMENT", minimum)
-        trainer = AdaptiveDiffusionDPOTrainer(
-            tiny_sd_pipeline(), args=_prompt_contrast_args(folder, max_steps=3, beta=1.0),
-            train_dataset=toy_preference_dataset(8),
-        )
+    def run(folder, min_agreement, votes):
+        args = _prompt_contrast_args(folder, max_steps=3, beta=1.0, save_strategy="steps", save_steps=3,
+                                     minority_filter_warmup_steps=0, minority_filter_min_agreement=min_agreement,
+                                     minority_filter_agreement_votes=votes)
+        trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(8))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer.train()
-        assert any(log.get("minority/kept_fraction", 1) < 1 for log in trainer.state.log_history)  # it dropped
-        return [str(w.message) for w in caught if "starts dropping pairs" in str(w.message)]
+        kept = [log["minority/kept_fraction"] for log in trainer.state.log_history if "minority/kept_fraction" in log]
+        agreement = [log["minority/judge_agreement"] for log in trainer.state.log_history if "minority/judge_agreement" in log]
+        with open(os.path.join(str(folder), "checkpoint-3", "minority_judge_check.json")) as f:
+            saved = json.load(f)
+        turned_off = [str(w.message) for w in caught if "filter is off from step" in str(w.message)]
+        return kept, agreement, saved, turned_off, trainer.robustness["minority_filter"].history
 
-    # Agreement is a share in [0, 1]: a minimum above 1 always warns, one below 0 never. Either way the logistic-regime
-    # warning of the policy-driven evidence stays silent (beta 1 would trigger it): the reference's votes do not
-    # depend on the loss's regime.
-    warned = messages(1.01, tmp_path / "always")
-    assert len(warned) == 1 and "agrees with the labels on only" in warned[0]
-    assert messages(-0.01, tmp_path / "never") == []
+    # Decided on the first step's votes. Agreement is a share in [0, 1]: a minimum of 0.99 fails on random weights
+    # (it is logged), so the filter keeps every pair of that step, says so once at its log and casts no more votes.
+    kept, agreement, saved, turned_off, history = run(tmp_path / "fails", 0.99, votes=1)
+    assert kept == [1.0] and len(agreement) == 1 and 0 <= agreement[0] < 0.99
+    visits_when_off = int(history.visits.sum())
+    assert 0 < visits_when_off <= 4  # step 0's batch only (a visit counts where a vote was cast)
+    assert saved["decided"] and not saved["passed"] and saved["step"] == 0 and saved["votes"] >= 1
+    assert len(turned_off) == 1 and f"{agreement[0]:.1%}" in turned_off[0]
+    kept, _, saved, turned_off, history = run(tmp_path / "passes", 0.01, votes=1)
+    assert saved["decided"] and saved["passed"] and turned_off == []
+    assert len(kept) == 3 and any(k < 1 for k in kept) and int(history.visits.sum()) > visits_when_off
+    # Until the check has counted its votes nothing is dropped, whatever the evidence says.
+    kept, _, saved, turned_off, _ = run(tmp_path / "undecided", 0.01, votes=10**6)
+    assert all(k == 1 for k in kept) and not saved["decided"] and turned_off == []
+    assert 0 < saved["votes"] < 10**6

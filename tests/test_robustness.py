@@ -44,6 +44,9 @@ CASES = {
             minority_filter_threshold=0.2 if evidence != "wrong_sign" else 0.4, minority_filter_max_fraction=0.5,
             minority_filter_warmup_steps=1, minority_filter_min_visits=1, minority_evidence_draws=1,
             minority_evidence_min_noise=0.0, minority_evidence_decay=0.8,
+            # The judge check decides at step 3 (12 votes a step), the checkpoint's step: its count must survive it.
+            **(dict(minority_filter_min_agreement=0.01, minority_filter_agreement_votes=40)
+               if evidence == "prompt_contrast" else {}),
         )
         for evidence in ("logit", "wrong_sign", "score", "prompt_contrast")
     },

@@ -59,7 +59,8 @@ def test_training_step_reads_nothing_back_to_the_host(host_reads, tmp_path, case
         assert int(trainer.robustness["minority_filter"].history.visits.sum()) > 0
     if "adaptive" in trainer.robustness:
         assert "minority/weight_mean" in logs
-    # Everything the steps recorded is read at the log, in one transfer (plus the filter's regime check).
+    # Everything the steps recorded is read at the log, in one transfer (plus, once, the filter's regime check or its
+    # judge check's decision).
     assert log_reads["tolist"] <= 2 and sum(log_reads.values()) == log_reads["tolist"]
 
 

@@ -284,7 +284,7 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
         # The only place our metrics and the methods' device state are read back to the host (once per log).
         self.metrics.flush("train" if self.model.training else "eval", logs)
         for method in self.robustness.values():
-            method.on_log()
+            method.on_log(logs)
         super().log(logs, start_time)
 
     # ---- evaluation ------------------------------------------------------------------------------------

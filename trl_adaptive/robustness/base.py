@@ -138,9 +138,10 @@ class RobustnessMethod:
     def on_optimizer_step(self, model: torch.nn.Module) -> None:
         """Called after every optimizer step with the unwrapped model."""
 
-    def on_log(self) -> None:
-        """Called when the trainer logs: the one place where a method may read its device state back to the host
-        (warnings, reports). `treat` and `on_optimizer_step` must not: a read makes the step wait for the GPU."""
+    def on_log(self, logs: dict[str, float]) -> None:
+        """Called when the trainer logs, with the metrics just read back (`logs`): the one place where a method may
+        read its device state back to the host (warnings, reports; better: look at its metrics in `logs`, read in
+        the same transfer). `treat` and `on_optimizer_step` must not: a read makes the step wait for the GPU."""
 
     def save(self, folder: str, write: bool) -> None:
         """Save the state into a checkpoint folder. Called on every process (sharded state gathers, a collective);

@@ -10,6 +10,8 @@ evidence functions and rules are pure functions in `trl_adaptive.filtering`.
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from functools import partial
 
@@ -30,9 +32,7 @@ EVIDENCE_FILE = "pair_logit_evidence.safetensors"
 #: Median |beta * l| below which the minority filter warns: under 4, -log sigmoid is still far from a hinge
 #: (sigmoid(-4) = 0.018 of the largest gradient), the logistic regime in which the filter was measured to harm.
 FILTER_HINGE_REGIME_MIN = 4.0
-#: Below this share of `prompt_contrast` votes agreeing with the labels the filter warns that the reference's
-#: judgement is close to chance for this data (on the digits benchmark: 0.71-0.73 clean, 0.59 at 30% flips).
-PROMPT_CONTRAST_MIN_AGREEMENT = 0.55
+JUDGE_CHECK_FILE = "minority_judge_check.json"
 
 
 def report_kept_pairs(keep: torch.Tensor, step: PairStep, batch: GlobalBatch, metrics) -> torch.Tensor:
@@ -45,11 +45,88 @@ def report_kept_pairs(keep: torch.Tensor, step: PairStep, batch: GlobalBatch, me
     return keep
 
 
+class JudgeCheck:
+    """Whether the reference's `prompt_contrast` votes agree with the labels well enough for the filter to act on
+    them (config ``minority_filter_min_agreement``, ``minority_filter_agreement_votes``).
+
+    The votes of the global batch are counted until ``min_votes`` have been cast; at that step the share that agrees
+    with the labels is compared with ``min_agreement``, once for the whole run: at or above it the filter may drop
+    pairs from then on, below it the filter never drops (the run is plain Diffusion-DPO). Until the decision nothing
+    is dropped. A judge that does not know the users' preference (the digits benchmark's style rater) would
+    otherwise drop clean and flipped pairs alike and train its own preference instead.
+
+    The state is five numbers on the training device (votes, agreeing votes, decided, passed, step of the decision),
+    updated with fixed-shape operations: the step never waits for it. `report` reads it once, at the log that shows
+    the decision (``minority/judge_passed``).
+    """
+
+    def __init__(self, min_agreement: float, min_votes: int):
+        self.min_agreement, self.min_votes = min_agreement, min_votes
+        self.state = torch.zeros(5, dtype=torch.float64)
+        self.reported = False
+
+    def to(self, device) -> None:
+        self.state = self.state.to(device)
+
+    def count(self, votes: torch.Tensor, valid: torch.Tensor, global_step: int) -> None:
+        """Add one step's gathered votes (1: the reference prefers the labelled loser) and decide once enough
+        have been cast."""
+        votes, valid = votes.to(self.state), valid.to(self.state.device)
+        counted, decided, passed, step = self.state[0], self.state[2] > 0, self.state[3], self.state[4]
+        open_ = ~decided
+        counted = counted + torch.where(open_, valid.double().sum(), 0.0)
+        agreeing = self.state[1] + torch.where(open_, torch.where(valid, 1.0 - votes, 0.0).sum(), 0.0)
+        reached = open_ & (counted >= self.min_votes)
+        agreement = agreeing / counted.clamp_min(1.0)
+        passed = torch.where(reached, (agreement >= self.min_agreement).double(), passed)
+        step = torch.where(reached, float(global_step), step)
+        self.state = torch.stack([counted, agreeing, (decided | reached).double(), passed, step])
+
+    def decided(self) -> torch.Tensor:
+        """True (a 0-dim device tensor) once enough votes have been counted for the decision."""
+        return self.state[2] > 0
+
+    def allows(self) -> torch.Tensor:
+        """True (a 0-dim device tensor) once the check has passed; False before the decision and after a failed one."""
+        return (self.state[2] > 0) & (self.state[3] > 0)
+
+    def failed(self) -> bool:
+        """Whether the check has decided against the judge (a host read: for loading, not for the step)."""
+        return bool(self.decided()) and not bool(self.allows())
+
+    def agreement(self) -> torch.Tensor:
+        """Share of the counted votes that agree with the labels (so far, or at the decision)."""
+        return self.state[1] / self.state[0].clamp_min(1.0)
+
+    def report(self, logs: dict[str, float]) -> dict | None:
+        """The decision (host values), once: at the first log whose metrics show it was made (one read in a run)."""
+        if self.reported or "minority/judge_passed" not in logs:
+            return None
+        self.reported = True
+        votes, agreeing, decided, passed, step = self.state.tolist()
+        return {"votes": int(votes), "agreement": agreeing / max(votes, 1.0), "passed": bool(passed), "step": int(step)}
+
+    def save(self, folder: str) -> None:
+        votes, agreeing, decided, passed, step = self.state.tolist()
+        with open(os.path.join(folder, JUDGE_CHECK_FILE), "w") as f:
+            json.dump({"votes": votes, "agreeing": agreeing, "decided": bool(decided), "passed": bool(passed),
+                       "step": int(step), "min_agreement": self.min_agreement, "min_votes": self.min_votes}, f, indent=2)
+
+    def load(self, folder: str) -> None:
+        path = os.path.join(folder, JUDGE_CHECK_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the checkpoint has no record of the minority filter's judge check")
+        with open(path) as f:
+            saved = json.load(f)
+        values = [saved["votes"], saved["agreeing"], float(saved["decided"]), float(saved["passed"]), float(saved["step"])]
+        self.state = torch.tensor(values, dtype=torch.float64, device=self.state.device)
+
+
 class MinorityFilter(RobustnessMethod):
     """Config: ``minority_filter``, ``minority_evidence``, ``minority_evidence_draws``, ``minority_evidence_min_noise``,
     ``minority_evidence_decay``, ``minority_filter_fraction``, ``minority_filter_threshold``,
     ``minority_filter_max_fraction``, ``minority_filter_min_separation``, ``minority_filter_warmup_steps``,
-    ``minority_filter_min_visits``.
+    ``minority_filter_min_visits``, ``minority_filter_min_agreement``, ``minority_filter_agreement_votes``.
 
     Args (beyond the base class's): scores_history: with ``minority_evidence="score"``, Adaptive-DPO's record of u
         (`AdaptiveDPO.history`), which is then this filter's evidence (and saved by that method).
@@ -80,6 +157,9 @@ class MinorityFilter(RobustnessMethod):
         require("minority_filter_min_separation", args.minority_filter_min_separation >= 0, ">= 0")
         for name in ("minority_filter_warmup_steps", "minority_filter_min_visits", "minority_evidence_draws"):
             require(name, getattr(args, name) >= 0, ">= 0")
+        require("minority_filter_min_agreement", 0.0 <= args.minority_filter_min_agreement < 1.0,
+                "in [0, 1) (0: no judge check)")
+        require("minority_filter_agreement_votes", args.minority_filter_agreement_votes >= 1, ">= 1")
 
     def __init__(self, args, num_rows, batch, forwards=None, scores_history: PairHistory | None = None):
         super().__init__(args, num_rows, batch, forwards)
@@ -89,23 +169,36 @@ class MinorityFilter(RobustnessMethod):
         else:
             self.history = PairHistory(num_rows, filename=EVIDENCE_FILE, decay=args.minority_evidence_decay,
                                        growable=num_rows == 0) if num_rows is not None else None
-        self._regime_checked = False
-        # On the device until a log reads them (`on_log`): whether the filter has dropped a pair, and the evidence's
-        # regime (median |beta l|, or the reference's agreement with the labels) at the first step that did.
+        # The reference judges a preference it may not know: its agreement with the labels is checked first.
+        self.judge = None
+        if args.minority_evidence == "prompt_contrast" and args.minority_filter_min_agreement > 0:
+            self.judge = JudgeCheck(args.minority_filter_min_agreement, args.minority_filter_agreement_votes)
+        # Set at the log that reports a failed check: from then on the filter casts no votes (its extra forwards
+        # are saved) and drops nothing. Until that log the device-side check already keeps every pair.
+        self.switched_off = False
+        # With the policy's own evidence the loss's regime is watched instead (`watch_regime`); the reference's votes
+        # do not depend on it.
+        self._regime_checked = args.minority_evidence == "prompt_contrast"
+        # On the device until a log reads them (`on_log`): whether the filter has dropped a pair, and the median
+        # |beta l| at the first step that did.
         self._dropped: torch.Tensor | None = None
         self._regime_at_first_drop: torch.Tensor | None = None
 
     def setup(self, denoiser, accelerator) -> None:
         if self.history is not None:
             self.history.to(accelerator.device)  # recorded and read on the device: no step waits for it
+        if self.judge is not None:
+            self.judge.to(accelerator.device)
 
     def treat(self, step: PairStep, metrics) -> PairTreatment | None:
-        if not step.training or self.history is None:
+        if not step.training or self.history is None or self.switched_off:
             return None
         self.record_evidence(step, metrics)
         keep = self.keep_mask(step)
         if keep is None:
             return None
+        if self.judge is not None:  # nothing dropped before the check, nor after a failed one
+            keep = torch.where(self.judge.allows(), keep, torch.ones_like(keep))
         self.watch_regime(report_kept_pairs(keep, step, self.batch, metrics), step.logits)
         return PairTreatment(weights=keep)
 
@@ -118,6 +211,11 @@ class MinorityFilter(RobustnessMethod):
         evidence, valid = self.batch.gather(torch.cat(draws)), self.batch.gather(torch.cat(valid)).bool()
         # One visit: all its draws in one record (one decay step, one visit counted).
         self.history.record(self.batch.gather(step.rows.repeat(len(draws))), evidence, valid)
+        if self.judge is not None:
+            self.judge.count(evidence, valid, step.global_step)
+            metrics.add("train", "minority/judge_agreement", self.judge.agreement())
+            # Logged once decided (1: the filter may drop, 0: it is off), so the log can see the decision without a read.
+            metrics.add("train", "minority/judge_passed", self.judge.allows().double(), present=self.judge.decided())
         counted = valid.sum()
         metrics.add("train", "minority/evidence_mean", torch.where(valid, evidence, 0.0).sum() / counted.clamp_min(1),
                     present=counted > 0)
@@ -179,16 +277,11 @@ class MinorityFilter(RobustnessMethod):
         return keep.to(step.logits.device)
 
     def watch_regime(self, global_keep: torch.Tensor, logits: torch.Tensor) -> None:
-        """Keep, on the device, the evidence's regime at the first step that drops a pair (`on_log` warns about it):
-        with the policy's own evidence the median |beta * l| of the global batch, with the reference's
-        `prompt_contrast` votes their agreement with the labels. Gathered values, so every process agrees."""
+        """With the policy's own evidence, keep on the device the median |beta * l| of the global batch at the first
+        step that drops a pair (`on_log` warns about it). A gathered value, so every process agrees."""
         if self._regime_checked:
             return
-        if self.args.minority_evidence == "prompt_contrast":
-            history = self.history
-            regime = 1.0 - history.total.sum() / history.weight.sum().clamp_min(1e-12)
-        else:
-            regime = (self.args.beta * self.batch.gather(logits)).abs().median().double()
+        regime = (self.args.beta * self.batch.gather(logits)).abs().median().double()
         if self._dropped is None:
             self._dropped = torch.zeros((), dtype=torch.bool, device=global_keep.device)
             self._regime_at_first_drop = torch.zeros((), dtype=torch.float64, device=global_keep.device)
@@ -196,29 +289,30 @@ class MinorityFilter(RobustnessMethod):
         self._regime_at_first_drop = torch.where(first, regime.to(self._regime_at_first_drop), self._regime_at_first_drop)
         self._dropped = self._dropped | first
 
-    def on_log(self) -> None:
-        """Warn once, after the filter first dropped a pair, if its evidence is unlikely to help: with the policy's own
-        evidence, if the loss is in the logistic regime, where that filter was measured to harm; with the reference's
-        `prompt_contrast` votes, if they barely agree with the labels (docs/minority_filter.md, "Limits"). Read here,
-        once per log, not in the step (a read would make every step wait for the device)."""
+    def on_log(self, logs: dict[str, float]) -> None:
+        """Report the judge check's decision once it is made (a warning if the filter turned itself off), and warn
+        once, after the policy-evidence filter first dropped a pair, if the loss is in the logistic regime, where that
+        filter was measured to harm (docs/minority_filter.md, "Limits"). Read here, once per log, not in the step (a
+        read would make every step wait for the device)."""
+        decision = self.judge.report(logs) if self.judge is not None else None
+        if decision is not None and not decision["passed"]:
+            self.switched_off = True
+            warnings.warn(
+                f"minority_evidence='prompt_contrast': the reference agreed with the labels on {decision['agreement']:.1%} "
+                f"of its first {decision['votes']} votes (below minority_filter_min_agreement="
+                f"{self.args.minority_filter_min_agreement:g}), so it cannot judge this preference and the minority "
+                f"filter is off from step {decision['step']} on: the run continues as plain Diffusion-DPO. On the "
+                "digits benchmark it agreed on 71-73% with clean prompt-fidelity labels and near chance on the style "
+                "rater (docs/minority_filter.md).",
+                UserWarning,
+                stacklevel=2,
+            )
         if self._regime_checked or self._dropped is None:
             return
         dropped, regime = torch.stack([self._dropped.double(), self._regime_at_first_drop]).tolist()
         if not dropped:
             return
         self._regime_checked = True
-        if self.args.minority_evidence == "prompt_contrast":  # the reference's votes work in either regime
-            if regime < PROMPT_CONTRAST_MIN_AGREEMENT:
-                warnings.warn(
-                    f"minority_evidence='prompt_contrast' starts dropping pairs while the reference agrees with the "
-                    f"labels on only {regime:.0%} of its votes (below {PROMPT_CONTRAST_MIN_AGREEMENT:.0%}): its "
-                    "judgement of prompt fidelity says little about this preference, and the filter would drop pairs "
-                    "nearly at random. On the digits benchmark it agreed on 71-73% of the votes with clean labels and "
-                    "59% at 30% flips (docs/minority_filter.md).",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            return
         if regime < FILTER_HINGE_REGIME_MIN:
             warnings.warn(
                 f"minority_filter={self.args.minority_filter!r} starts dropping pairs while the median |beta * l| is "
@@ -233,7 +327,12 @@ class MinorityFilter(RobustnessMethod):
     def save(self, folder: str, write: bool) -> None:
         if write and self.owns_history and self.history is not None:
             self.history.save(folder)
+        if write and self.judge is not None:
+            self.judge.save(folder)
 
     def load(self, folder: str) -> None:
         if self.owns_history and self.history is not None:
             self.history.load(folder)
+        if self.judge is not None:
+            self.judge.load(folder)
+            self.switched_off = self.judge.failed()  # read at load: a resumed run skips the votes as the original did
