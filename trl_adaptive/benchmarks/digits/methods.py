@@ -127,7 +127,10 @@ def method_config(method: str, flip_rate: float, settings: BenchmarkSettings, se
         resolution=8,
         report_to=[],
         save_strategy="no",
-        logging_strategy="no",
+        # Logs every 10 steps (the recording trainer keeps them; nothing is printed): a log is where a method reads
+        # its device state, e.g. where the contrast filter learns that its judge check failed and stops voting.
+        logging_strategy="steps",
+        logging_steps=10,
         disable_tqdm=True,
         use_cpu=True,
         dataloader_num_workers=0,
