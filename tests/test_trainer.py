@@ -438,6 +438,8 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(lora, toy_pairs, tm
         ("empty_prompt_probability", 1.5, r"empty_prompt_probability must be in \[0, 1\]"),
         ("remove_unused_columns", True, "remove_unused_columns must be False"),
         ("minority_evidence_decay", 1.0, r"minority_evidence_decay must be in \[0, 1\)"),
+        ("minority_filter_min_agreement", 1.0, r"minority_filter_min_agreement must be in \[0, 1\) \(0: no judge check\)"),
+        ("minority_filter_agreement_votes", 0, "minority_filter_agreement_votes must be >= 1"),
     ],
 )
 def test_config_errors_name_the_field(field, value, message, tmp_path):
