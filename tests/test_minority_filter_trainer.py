@@ -212,3 +212,32 @@ def test_the_judge_check_turns_the_contrast_filter_off_when_the_reference_disagr
     kept, _, saved, turned_off, _ = run(tmp_path / "undecided", 0.01, votes=10**6)
     assert all(k == 1 for k in kept) and not saved["decided"] and turned_off == []
     assert 0 < saved["votes"] < 10**6
+
+def test_judge_check_counts_votes_until_the_decision_by_hand(tmp_path):
+    import pytest
+
+    from trl_adaptive.robustness.minority_filter import JudgeCheck
+
+    judge = JudgeCheck(min_agreement=0.6, min_votes=5)
+    # Step 0: four valid votes, one against the label (1), the fifth entry invalid: 3 of 4 agree, not enough votes.
+    judge.count(torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0]), torch.tensor([True, True, True, True, False]), global_step=0)
+    assert not bool(judge.decided()) and not bool(judge.allows()) and float(judge.agreement()) == 0.75
+    # Step 1: two more votes, both against: 6 votes, 3 agree (0.5 < 0.6): decided at step 1, failed.
+    judge.count(torch.tensor([1.0, 1.0]), torch.tensor([True, True]), global_step=1)
+    assert bool(judge.decided()) and not bool(judge.allows()) and judge.failed()
+    assert float(judge.agreement()) == 0.5
+    # After the decision the count stops: later votes change nothing.
+    judge.count(torch.tensor([0.0, 0.0, 0.0]), torch.tensor([True, True, True]), global_step=2)
+    assert judge.state.tolist() == [6.0, 3.0, 1.0, 0.0, 1.0]
+    assert judge.report({}) is None  # the log shows no decision: nothing read
+    assert judge.report({"minority/judge_passed": 0.0}) == {"votes": 6, "agreement": 0.5, "passed": False, "step": 1}
+    assert judge.report({"minority/judge_passed": 0.0}) is None  # once
+    judge.save(str(tmp_path))
+    restored = JudgeCheck(min_agreement=0.6, min_votes=5)
+    restored.load(str(tmp_path))
+    assert torch.equal(restored.state, judge.state) and restored.failed()
+    # A checkpoint without the record (written before the check existed) resumes with a fresh count, and says so.
+    fresh = JudgeCheck(min_agreement=0.6, min_votes=5)
+    with pytest.warns(UserWarning, match="starts counting the reference's votes again"):
+        fresh.load(str(tmp_path / "missing"))
+    assert fresh.state.tolist() == [0.0] * 5

@@ -114,8 +114,10 @@ class JudgeCheck:
 
     def load(self, folder: str) -> None:
         path = os.path.join(folder, JUDGE_CHECK_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: the checkpoint has no record of the minority filter's judge check")
+        if not os.path.isfile(path):  # a checkpoint written before the check existed: count from here
+            warnings.warn(f"{path} is missing (a checkpoint from before the judge check?): the minority filter's judge "
+                          "check starts counting the reference's votes again from this step", UserWarning, stacklevel=2)
+            return
         with open(path) as f:
             saved = json.load(f)
         values = [saved["votes"], saved["agreeing"], float(saved["decided"]), float(saved["passed"]), float(saved["step"])]
