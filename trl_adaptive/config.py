@@ -315,9 +315,9 @@ class AdaptiveDPOConfig(TrainingArguments):
                   "reference has cast `minority_filter_agreement_votes` votes; then, if fewer than this share of them "
                   "agree with the labels, the reference cannot judge this preference and the filter turns itself off for "
                   "the rest of the run (plain Diffusion-DPO, with a warning). In [0, 1); 0 turns the check off. 0.57: "
-                  "on the digits benchmark's validation seeds the reference agreed on 50.7-56.5% of its votes with the style "
-                  "rater's labels (any flip rate) and on 57.6-74.8% with the fidelity rater's (0-30% flips; "
-                  "docs/minority_filter.md)."},
+                  "on the digits benchmark's validation seeds the share of agreeing votes was 0.507-0.565 with the style "
+                  "rater's labels (any flip rate) and 0.576-0.748 with the fidelity rater's (0 to 30 in 100 labels "
+                  "flipped; docs/minority_filter.md)."},
     )
     minority_filter_agreement_votes: int = field(
         default=2048,
