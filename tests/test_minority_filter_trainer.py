@@ -213,6 +213,7 @@ def test_the_judge_check_turns_the_contrast_filter_off_when_the_reference_disagr
     assert all(k == 1 for k in kept) and not saved["decided"] and turned_off == []
     assert 0 < saved["votes"] < 10**6
 
+
 def test_judge_check_counts_votes_until_the_decision_by_hand(tmp_path):
     import pytest
 
@@ -230,7 +231,8 @@ def test_judge_check_counts_votes_until_the_decision_by_hand(tmp_path):
     judge.count(torch.tensor([0.0, 0.0, 0.0]), torch.tensor([True, True, True]), global_step=2)
     assert judge.state.tolist() == [6.0, 3.0, 1.0, 0.0, 1.0]
     assert judge.report({}) is None  # the log shows no decision: nothing read
-    assert judge.report({"minority/judge_passed": 0.0}) == {"votes": 6, "agreement": 0.5, "passed": False, "step": 1}
+    assert judge.report({"minority/judge_passed": 0.0}) == {"votes": 6, "agreeing": 3, "agreement": 0.5, "decided": True,
+                                                            "passed": False, "step": 1}
     assert judge.report({"minority/judge_passed": 0.0}) is None  # once
     judge.save(str(tmp_path))
     restored = JudgeCheck(min_agreement=0.6, min_votes=5)

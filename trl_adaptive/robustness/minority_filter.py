@@ -88,7 +88,7 @@ class JudgeCheck:
 
     def allows(self) -> torch.Tensor:
         """True (a 0-dim device tensor) once the check has passed; False before the decision and after a failed one."""
-        return (self.state[2] > 0) & (self.state[3] > 0)
+        return self.decided() & (self.state[3] > 0)
 
     def failed(self) -> bool:
         """Whether the check has decided against the judge (a host read: for loading, not for the step)."""
@@ -98,19 +98,23 @@ class JudgeCheck:
         """Share of the counted votes that agree with the labels (so far, or at the decision)."""
         return self.state[1] / self.state[0].clamp_min(1.0)
 
+    def summary(self) -> dict:
+        """The state as host values (one read): votes counted, agreeing votes, their share, the decision and its step."""
+        votes, agreeing, decided, passed, step = self.state.tolist()
+        return {"votes": int(votes), "agreeing": int(agreeing), "agreement": agreeing / max(votes, 1.0),
+                "decided": bool(decided), "passed": bool(passed), "step": int(step)}
+
     def report(self, logs: dict[str, float]) -> dict | None:
-        """The decision (host values), once: at the first log whose metrics show it was made (one read in a run)."""
+        """The `summary`, once: at the first log whose metrics show the decision was made (one read in a run)."""
         if self.reported or "minority/judge_passed" not in logs:
             return None
         self.reported = True
-        votes, agreeing, decided, passed, step = self.state.tolist()
-        return {"votes": int(votes), "agreement": agreeing / max(votes, 1.0), "passed": bool(passed), "step": int(step)}
+        return self.summary()
 
     def save(self, folder: str) -> None:
-        votes, agreeing, decided, passed, step = self.state.tolist()
+        record = dict(self.summary(), min_agreement=self.min_agreement, min_votes=self.min_votes)
         with open(os.path.join(folder, JUDGE_CHECK_FILE), "w") as f:
-            json.dump({"votes": votes, "agreeing": agreeing, "decided": bool(decided), "passed": bool(passed),
-                       "step": int(step), "min_agreement": self.min_agreement, "min_votes": self.min_votes}, f, indent=2)
+            json.dump(record, f, indent=2)
 
     def load(self, folder: str) -> None:
         path = os.path.join(folder, JUDGE_CHECK_FILE)

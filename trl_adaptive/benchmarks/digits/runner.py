@@ -77,10 +77,9 @@ def train_method(base_folder: str, dataset, method: str, flip_rate: float, setti
     }
     judge = getattr(trainer.robustness.get("minority_filter"), "judge", None)
     if judge is not None:  # the contrast filter's judge check: its decision (or the votes counted so far)
-        votes, _, decided, passed, step = judge.state.tolist()
-        visits["filter_stats"].update({"judge_agreement": float(judge.agreement()), "judge_votes": int(votes),
-                                       "judge_decided": bool(decided), "judge_passed": bool(passed),
-                                       "judge_step": int(step)})
+        summary = judge.summary()
+        visits["filter_stats"].update({f"judge_{name}": summary[name]
+                                       for name in ("agreement", "votes", "decided", "passed", "step")})
     unet = trainer.accelerator.unwrap_model(trainer.model).eval()
     return unet, visits, seconds
 
