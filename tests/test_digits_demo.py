@@ -220,6 +220,30 @@ def test_the_style_rater_scores_ink_for_the_digit_not_the_digit():
         StyleRater(x_test, y_test, width=0.0)
 
 
+def test_ink_offset_scorers_show_where_the_stroke_weight_went():
+    """The diagnostics reported beside the style reward: the signed offset z - target (drift) and its size (spread),
+    per image, for the digit the prompt names; heavier strokes move the signed offset up."""
+    from PIL import Image
+
+    from trl_adaptive.benchmarks.digits.rater import InkOffsetScorer, StyleRater, split_digits
+    from trl_adaptive.evaluation import score_images
+
+    _, x_test, _, y_test = split_digits(0)
+    rater = StyleRater(x_test, y_test, target=0.5)
+    real = (x_test[:9] * 255).round().astype(np.uint8)
+    prompts = [f"a handwritten {digits.DIGIT_WORDS[d]}" for d in y_test[:9]]
+    expected = rater.standardised_ink(real, y_test[:9]) - 0.5
+    pil = [Image.fromarray(i, mode="L") for i in real]
+    signed, size = InkOffsetScorer(rater), InkOffsetScorer(rater, "abs")
+    assert (signed.name, size.name) == ("ink_z", "ink_abs_z")
+    np.testing.assert_allclose(score_images(signed, pil, prompts, batch_size=4, progress=False), expected)
+    np.testing.assert_allclose(score_images(size, pil, prompts, batch_size=4, progress=False), np.abs(expected))
+    heavier = [Image.fromarray(np.clip(i.astype(np.int32) + 20, 0, 255).astype(np.uint8), mode="L") for i in real]
+    assert np.all(score_images(signed, heavier, prompts, batch_size=9, progress=False) > expected)
+    with pytest.raises(ValueError, match="statistic"):
+        InkOffsetScorer(rater, "squared")
+
+
 def test_pairs_are_ranked_by_the_chosen_rater():
     """build_pairs takes any rater with `rewards(images, digits)`: the chosen image has the higher reward."""
     import torch

@@ -205,6 +205,16 @@ def test_the_judge_check_turns_the_contrast_filter_off_when_the_reference_disagr
     assert 0 < visits_when_off <= 4  # step 0's batch only (a visit counts where a vote was cast)
     assert saved["decided"] and not saved["passed"] and saved["step"] == 0 and saved["votes"] >= 1
     assert len(turned_off) == 1 and f"{agreement[0]:.1%}" in turned_off[0]
+    # Resumed from its checkpoint, the run is told again (its logs will not show the decision), and stays off.
+    args = _prompt_contrast_args(tmp_path / "fails", max_steps=4, beta=1.0, minority_filter_warmup_steps=0,
+                                 minority_filter_min_agreement=0.99, minority_filter_agreement_votes=1)
+    resumed = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=args, train_dataset=toy_preference_dataset(8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.train(resume_from_checkpoint=str(tmp_path / "fails" / "checkpoint-3"))
+    again = [str(w.message) for w in caught if "filter is off from step" in str(w.message)]
+    assert len(again) == 1 and "decided before the checkpoint" in again[0] and f"{agreement[0]:.1%}" in again[0]
+    assert int(resumed.robustness["minority_filter"].history.visits.sum()) == visits_when_off
     kept, _, saved, turned_off, history = run(tmp_path / "passes", 0.01, votes=1)
     assert saved["decided"] and saved["passed"] and turned_off == []
     assert len(kept) == 3 and any(k < 1 for k in kept) and int(history.visits.sum()) > visits_when_off

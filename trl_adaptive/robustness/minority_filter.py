@@ -302,17 +302,7 @@ class MinorityFilter(RobustnessMethod):
         read would make every step wait for the device)."""
         decision = self.judge.report(logs) if self.judge is not None else None
         if decision is not None and not decision["passed"]:
-            self.switched_off = True
-            warnings.warn(
-                f"minority_evidence='prompt_contrast': the reference agreed with the labels on {decision['agreement']:.1%} "
-                f"of its first {decision['votes']} votes (below minority_filter_min_agreement="
-                f"{self.args.minority_filter_min_agreement:g}), so it cannot judge this preference and the minority "
-                f"filter is off from step {decision['step']} on: the run continues as plain Diffusion-DPO. On the "
-                "digits benchmark it agreed on 71-75% with clean prompt-fidelity labels (57-61% at 30% flips) and on "
-                "51-57% with a style rater's labels (docs/minority_filter.md, 'The judge check').",
-                UserWarning,
-                stacklevel=2,
-            )
+            self._switch_off(decision)
         if self._regime_checked or self._dropped is None:
             return
         dropped, regime = torch.stack([self._dropped.double(), self._regime_at_first_drop]).tolist()
@@ -329,6 +319,23 @@ class MinorityFilter(RobustnessMethod):
                 stacklevel=2,
             )
 
+    def _switch_off(self, decision: dict, resumed: bool = False) -> None:
+        """The judge check failed: no more votes, nothing dropped, and the user is told (again in a resumed run, whose
+        log would not show the decision a second time)."""
+        self.switched_off = True
+        warnings.warn(
+            f"minority_evidence='prompt_contrast': the reference agreed with the labels on {decision['agreement']:.1%} "
+            f"of its first {decision['votes']} votes (below minority_filter_min_agreement="
+            f"{self.judge.min_agreement:g}), so it cannot judge this preference and the minority "
+            f"filter is off from step {decision['step']} on"
+            + (" (decided before the checkpoint this run resumed from)" if resumed else "")
+            + ": the run continues as plain Diffusion-DPO. On the "
+            "digits benchmark it agreed on 71-75% with clean prompt-fidelity labels (57-61% at 30% flips) and on "
+            "51-57% with a style rater's labels (docs/minority_filter.md, 'The judge check').",
+            UserWarning,
+            stacklevel=3,
+        )
+
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self, folder: str, write: bool) -> None:
         if write and self.owns_history and self.history is not None:
@@ -341,4 +348,8 @@ class MinorityFilter(RobustnessMethod):
             self.history.load(folder)
         if self.judge is not None:
             self.judge.load(folder)
-            self.switched_off = self.judge.failed()  # read at load: a resumed run skips the votes as the original did
+            decision = self.judge.summary()  # read at load: a resumed run skips the votes as the original did
+            if decision["decided"]:
+                self.judge.reported = True
+                if not decision["passed"]:
+                    self._switch_off(decision, resumed=True)

@@ -12,7 +12,7 @@ import torch
 
 from .base_model import load_or_pretrain_base
 from .methods import METHOD_LABELS
-from .rater import RATERS, DigitRater, DigitRaterScorer, make_rater, split_digits
+from .rater import RATERS, DigitRater, DigitRaterScorer, InkOffsetScorer, make_rater, split_digits
 from .report import merge_reports, write_report
 from .runner import _quiet_libraries, run_seed
 from .settings import BenchmarkSettings, quick_settings
@@ -123,7 +123,8 @@ def main(argv=None) -> dict:
         rater, scorer, extra_scorers = fidelity, DigitRaterScorer(fidelity), ()
     else:
         rater, scorer = make_rater(settings.rater, settings, real_rater, labels_rater)
-        extra_scorers = (DigitRaterScorer(fidelity),)
+        # prompt fidelity (reward hacking shows there) and where the stroke weight went (drift or spread)
+        extra_scorers = (DigitRaterScorer(fidelity), InkOffsetScorer(rater, "signed"), InkOffsetScorer(rater, "abs"))
         real_rewards = rater.rewards(np.round(real_rater * 255).astype(np.uint8), labels_rater)
         print(f"Style rater (ranks the pairs, rates the runs): exp(-(z - {settings.style_target})^2 / "
               f"(2 * {settings.style_width}^2)), z = ink mass standardised within the prompted digit's class on the "

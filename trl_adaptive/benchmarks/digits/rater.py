@@ -119,6 +119,26 @@ class StyleRaterScorer(DigitRaterScorer):
     name = "ink_style"
 
 
+class InkOffsetScorer(DigitRaterScorer):
+    """Where a style-rated run's stroke weight went: the offset `z - target` of each image's standardised ink from
+    the style rater's target (`statistic="signed"`, name `ink_z`: the mean shows a drift to heavy or light strokes) or
+    its size (`statistic="abs"`, name `ink_abs_z`: the mean shows how far images miss the target either way). Not a
+    reward: the demo reports both beside the style reward, so a run that loses reward shows whether its strokes
+    drifted one way or spread out."""
+
+    def __init__(self, rater: StyleRater, statistic: str = "signed"):
+        if statistic not in ("signed", "abs"):
+            raise ValueError(f"InkOffsetScorer statistic must be 'signed' or 'abs', got {statistic!r}")
+        super().__init__(rater)
+        self.statistic = statistic
+        self.name = "ink_z" if statistic == "signed" else "ink_abs_z"
+
+    def score(self, images: list, prompts: list[str]) -> torch.Tensor:
+        pixels = np.stack([np.asarray(image.convert("L")) for image in images])
+        offset = self.rater.standardised_ink(pixels, np.array([self.prompted_digit(p) for p in prompts])) - self.rater.target
+        return torch.from_numpy(offset if self.statistic == "signed" else np.abs(offset))
+
+
 #: The demo's raters (`--rater`): fidelity (the default) and style.
 RATERS = ("fidelity", "style")
 

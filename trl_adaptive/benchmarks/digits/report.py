@@ -17,6 +17,14 @@ from .settings import BenchmarkSettings
 from .statistics import summarise
 
 
+#: What the scorers reported beside the rater's reward measure (style runs: `cli.main`).
+OTHER_SCORERS = {
+    "digit_rater": "prompt fidelity, where reward hacking would show",
+    "ink_z": "mean offset of the standardised ink from the style target: a drift to heavy (+) or light (-) strokes",
+    "ink_abs_z": "mean size of that offset: how far images miss the target either way",
+}
+
+
 def markdown_table(summary: dict, settings: BenchmarkSettings, num_seeds: int) -> str:
     def fmt(x, spec):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
@@ -24,10 +32,10 @@ def markdown_table(summary: dict, settings: BenchmarkSettings, num_seeds: int) -
     other = sorted({name for e in summary.values() for name in e.get("other_rewards", {})})
     rater = getattr(settings, "rater", "fidelity")
     lines = [
-        *([f"Rater: {rater} (ranks the pairs and rates the runs); beside it, the mean reward of the other rater(s) "
-           f"({', '.join(other)}: prompt fidelity; base model "
-           + ", ".join(f"{next(iter(summary.values()))['other_rewards_base'][n]:.4f}" for n in other)
-           + "), where reward hacking would show.", ""] if other else []),
+        *([f"Rater: {rater} (ranks the pairs and rates the runs); beside it, the means of other scorers: "
+           + ", ".join(f"{n} ({OTHER_SCORERS.get(n, 'another rater')}; base model "
+                       f"{next(iter(summary.values()))['other_rewards_base'][n]:.4f})" for n in other)
+           + ".", ""] if other else []),
         f"Mean rater reward of held-out generations (mean +- sd over {num_seeds} seed(s)); gap closed = "
         "(method - DPO) / (oracle - DPO); win rate vs the base model with 95% CI over seeds; AUROC of the method's "
         "per-pair mean minority score u against `flipped` (Adaptive-DPO runs), and of the per-pair mean of -l / rms(l) "
