@@ -331,7 +331,7 @@ class MinorityFilter(RobustnessMethod):
             + (" (decided before the checkpoint this run resumed from)" if resumed else "")
             + ": the run continues as plain Diffusion-DPO. On the "
             "digits benchmark it agreed on 71-75% with clean prompt-fidelity labels (57-61% at 30% flips) and on "
-            "51-57% with a style rater's labels (docs/minority_filter.md, 'The judge check').",
+            "47-57% with a style rater's labels (docs/minority_filter.md, 'The judge check').",
             UserWarning,
             stacklevel=3,
         )
