@@ -46,7 +46,7 @@ def parse_args(argv=None):
                         help="Which rater ranks the pairs and rates the runs: 'fidelity' (default), the probability of "
                         "the prompted digit, or 'style', stroke weight: the ink mass standardised within the prompted "
                         "digit's class, scored against the class's typical weight (a property the prompt does not "
-                        "determine; the fidelity reward is reported beside it).")
+                        "determine; the fidelity reward and the ink offset, ink_z and ink_abs_z, are reported beside it).")
     parser.add_argument("--set-method", dest="method_overrides", action="append", default=[],
                         metavar="METHOD:FIELD=VALUE",
                         help="Extra AdaptiveDPOConfig field for one method of the grid (repeatable), for sweeps of "
@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
         real_rewards = rater.rewards(np.round(real_rater * 255).astype(np.uint8), labels_rater)
         print(f"Style rater (ranks the pairs, rates the runs): exp(-(z - {settings.style_target})^2 / "
               f"(2 * {settings.style_width}^2)), z = ink mass standardised within the prompted digit's class on the "
-              f"same real digits (real digits score {real_rewards.mean():.3f}); the fidelity reward is reported beside it")
+              f"same real digits (real digits score {real_rewards.mean():.3f}); the fidelity reward and the ink offset "
+              "(ink_z, ink_abs_z) are reported beside it")
     base, base_folder = load_or_pretrain_base(args.cache_dir, settings, real_base, labels_base, progress)
     print(f"Base model: {base_folder}")
 
