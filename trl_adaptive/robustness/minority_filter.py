@@ -126,6 +126,8 @@ class JudgeCheck:
             saved = json.load(f)
         values = [saved["votes"], saved["agreeing"], float(saved["decided"]), float(saved["passed"]), float(saved["step"])]
         self.state = torch.tensor(values, dtype=torch.float64, device=self.state.device)
+        # A decision made before the checkpoint is not reported by a later log: the loader tells the user instead.
+        self.reported = bool(saved["decided"])
 
 
 class MinorityFilter(RobustnessMethod):
@@ -349,7 +351,5 @@ class MinorityFilter(RobustnessMethod):
         if self.judge is not None:
             self.judge.load(folder)
             decision = self.judge.summary()  # read at load: a resumed run skips the votes as the original did
-            if decision["decided"]:
-                self.judge.reported = True
-                if not decision["passed"]:
-                    self._switch_off(decision, resumed=True)
+            if decision["decided"] and not decision["passed"]:
+                self._switch_off(decision, resumed=True)

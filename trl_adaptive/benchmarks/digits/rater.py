@@ -68,7 +68,11 @@ class DigitRaterScorer(Scorer):
     def score(self, images: list, prompts: list[str]) -> torch.Tensor:
         pixels = np.stack([np.asarray(image.convert("L")) for image in images])
         digits = np.array([self.prompted_digit(p) for p in prompts])
-        return torch.from_numpy(self.rater.rewards(pixels, digits))  # float64, as the rater computes it
+        return torch.from_numpy(self.values(pixels, digits))  # float64, as the rater computes it
+
+    def values(self, pixels: np.ndarray, digits: np.ndarray) -> np.ndarray:
+        """Per-image scores of grey uint8 images for their prompted digits: the rater's reward."""
+        return self.rater.rewards(pixels, digits)
 
 
 class StyleRater:
@@ -133,10 +137,9 @@ class InkOffsetScorer(DigitRaterScorer):
         self.statistic = statistic
         self.name = "ink_z" if statistic == "signed" else "ink_abs_z"
 
-    def score(self, images: list, prompts: list[str]) -> torch.Tensor:
-        pixels = np.stack([np.asarray(image.convert("L")) for image in images])
-        offset = self.rater.standardised_ink(pixels, np.array([self.prompted_digit(p) for p in prompts])) - self.rater.target
-        return torch.from_numpy(offset if self.statistic == "signed" else np.abs(offset))
+    def values(self, pixels: np.ndarray, digits: np.ndarray) -> np.ndarray:
+        offset = self.rater.standardised_ink(pixels, digits) - self.rater.target
+        return offset if self.statistic == "signed" else np.abs(offset)
 
 
 #: The demo's raters (`--rater`): fidelity (the default) and style.
