@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .base_model import encode_prompts, load_or_pretrain_base, sample_images
-from .rater import DigitRater, split_digits, to_uint8
+from .rater import DigitRater, make_rater, split_digits, to_uint8
 from .settings import DIGIT_WORDS, PAIR_TEMPLATES, BenchmarkSettings
 
 
@@ -63,15 +63,15 @@ def build_pairs(pipeline, rater: DigitRater, settings: BenchmarkSettings, seed: 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def flipped_pair_set(seed: int, flip_rate: float, cache_dir: str):
-    """The pairs of `seed` with `flip_rate` of them flipped, as `trl-adaptive demo` builds them.
+def flipped_pair_set(seed: int, flip_rate: float, cache_dir: str, rater: str = "fidelity"):
+    """The pairs of `seed` with `flip_rate` of them flipped, as `trl-adaptive demo --rater <rater>` builds them.
 
     Returns (settings, base pipeline, base folder, dataset, rater)."""
     from ...data import flip_labels
 
-    settings = BenchmarkSettings()
+    settings = BenchmarkSettings(rater=rater)
     real_base, real_rater, labels_base, labels_rater = split_digits()
-    rater = DigitRater(real_rater, labels_rater, settings.rater_c)
+    rater, _ = make_rater(rater, settings, real_rater, labels_rater)
     base, folder = load_or_pretrain_base(cache_dir, settings, real_base, labels_base, progress=False)
     pairs, _ = build_pairs(base, rater, settings, seed)
     return settings, base, folder, flip_labels(pairs, flip_rate, seed=seed), rater
