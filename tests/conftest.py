@@ -22,6 +22,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
+def benchmark_script():
+    """Loads `benchmarks/<name>.py` as a module (the benchmarks are scripts, not a package), registered in
+    `sys.modules` because dataclasses resolve string annotations through it."""
+    import importlib.util
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def toy_pairs():
     """Eight Pick-a-Pic-style pairs (PNG bytes, half with the winner second)."""
     from trl_adaptive.tiny import toy_preference_dataset

@@ -1,23 +1,10 @@
 """benchmarks/audit_then_retrain.py: its two rules for flagging audited pairs (the training itself is a benchmark)."""
 
-import importlib.util
-import os
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load():
-    path = os.path.join(ROOT, "benchmarks", "audit_then_retrain.py")
-    spec = importlib.util.spec_from_file_location("audit_then_retrain", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_flagging_rules():
-    script = _load()
+def test_flagging_rules(benchmark_script):
+    script = benchmark_script("audit_then_retrain")
     # Shares of wrong-sign votes of 10 pairs. `threshold`: share > 0.5, at most 30% of the pairs.
     few = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.55, 0.9, 0.2])
     assert np.flatnonzero(script.flagged(few, "threshold")).tolist() == [7, 8]

@@ -1,19 +1,7 @@
 """benchmarks/gap_bootstrap.py on a hand-made report: later files override runs, the point values are the ratio of
 seed means, and seeds missing a needed run are left out."""
 
-import importlib.util
 import json
-import os
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gap_bootstrap", os.path.join(ROOT, "benchmarks", "gap_bootstrap.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _report(path, per_seed):
     runs = [{"seed": s, "runs": {k: {"reward_gain": g} for k, g in r.items()}} for s, r in per_seed.items()]
@@ -22,8 +10,8 @@ def _report(path, per_seed):
     return str(path)
 
 
-def test_gap_closed_from_overlaid_reports(tmp_path, capsys):
-    gap_bootstrap = _load()
+def test_gap_closed_from_overlaid_reports(tmp_path, capsys, benchmark_script):
+    gap_bootstrap = benchmark_script("gap_bootstrap")
     first = _report(tmp_path / "a.json", {
         0: {"dpo@0.2": 0.02, "oracle@0.2": 0.10, "filter@0.2": 0.0, "dpo@0.0": 0.10, "filter@0.0": 0.12},
         1: {"dpo@0.2": 0.04, "oracle@0.2": 0.12, "filter@0.2": 0.08, "dpo@0.0": 0.14, "filter@0.0": 0.10},

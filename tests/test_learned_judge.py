@@ -1,21 +1,9 @@
 """benchmarks/learned_judge.py: a cross-fitted Bradley-Terry judge finds flipped labels where the features carry the
 preference, and sits at chance where they do not."""
 
-import importlib.util
-import os
 
 import numpy as np
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("learned_judge", os.path.join(ROOT, "benchmarks", "learned_judge.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _pairs(num_pairs=400, flip_rate=0.2, seed=0):
     """Pairs of 4-feature images ranked by feature 0 (the preference), a share of them flipped."""
@@ -31,10 +19,10 @@ def _pairs(num_pairs=400, flip_rate=0.2, seed=0):
             torch.tensor(context, dtype=torch.float32), flipped)
 
 
-def test_cross_fitted_judge_finds_the_flipped_pairs_when_the_features_carry_the_preference():
+def test_cross_fitted_judge_finds_the_flipped_pairs_when_the_features_carry_the_preference(benchmark_script):
     from sklearn.metrics import roc_auc_score
 
-    judge = _load()
+    judge = benchmark_script("learned_judge")
     winners, losers, context, flipped = _pairs()
     margins = judge.cross_fitted_margins(winners, losers, context, folds=5, hidden=8, steps=200)
     assert roc_auc_score(flipped, -margins) > 0.9
@@ -43,20 +31,20 @@ def test_cross_fitted_judge_finds_the_flipped_pairs_when_the_features_carry_the_
     assert 0.65 < (margins > 0).mean() < 0.85
 
 
-def test_cross_fitted_judge_is_at_chance_when_the_features_do_not_carry_it():
-    judge = _load()
+def test_cross_fitted_judge_is_at_chance_when_the_features_do_not_carry_it(benchmark_script):
+    judge = benchmark_script("learned_judge")
     winners, losers, context, _ = _pairs(flip_rate=0.0)
     # drop the feature the labels follow: what is left is independent of them
     margins = judge.cross_fitted_margins(winners[:, 1:], losers[:, 1:], context, folds=5, hidden=8, steps=200)
     assert 0.4 < (margins > 0).mean() < 0.6
 
 
-def test_pair_features_rejects_an_unknown_kind():
+def test_pair_features_rejects_an_unknown_kind(benchmark_script):
     import pytest
     from datasets import Dataset
     from PIL import Image
 
-    judge = _load()
+    judge = benchmark_script("learned_judge")
     image = Image.new("RGB", (8, 8))
     dataset = Dataset.from_list([{"prompt": "a", "chosen": image, "rejected": image}])
     with pytest.raises(ValueError, match="features must be"):

@@ -1,8 +1,6 @@
 """Smoke test of benchmarks/step_time.py: every case runs on the tiny architecture, FLOPs add up, the report prints."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
 
@@ -11,12 +9,8 @@ MODEL_CONFIGS = os.path.join(os.path.dirname(ROOT), "shared", "model-configs")
 
 
 @pytest.fixture(scope="module")
-def step_time():
-    spec = importlib.util.spec_from_file_location("step_time", os.path.join(ROOT, "benchmarks", "step_time.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["step_time"] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+def step_time(benchmark_script):
+    return benchmark_script("step_time")
 
 
 def test_tiny_benchmark_runs_every_case(step_time, capsys):
@@ -69,7 +63,7 @@ def test_flop_arithmetic_of_flow_matching_architectures(step_time):
     assert flux["text_encoders"] > 10 * sd35["text_encoders"] / 2  # T5-XXL at 512 tokens dominates the text cost
 
 
-def test_levers_and_batch_sweep(step_time, tmp_path, capsys):
+def test_levers_and_batch_sweep(step_time, tmp_path, capsys, benchmark_script):
     """Each --levers override is timed as its own case beside its base; --batches runs every size and the JSON keeps
     the sweep (what benchmarks/gpu_step_time.sh and gpu_summary.py read)."""
     import json
@@ -89,9 +83,7 @@ def test_levers_and_batch_sweep(step_time, tmp_path, capsys):
     summary_dir = tmp_path / "out"
     summary_dir.mkdir()
     (summary_dir / "sweep-tiny.json").write_text(path.read_text())
-    spec = importlib.util.spec_from_file_location("gpu_summary", os.path.join(ROOT, "benchmarks", "gpu_summary.py"))
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
+    summary = benchmark_script("gpu_summary")
     summary.main([str(summary_dir), "--commit", "abc123"])
     printed = capsys.readouterr().out
     assert "commit abc123" in printed and "best: " in printed

@@ -7,24 +7,14 @@ evidence and rule, LoRA and full fine-tuning). On a GPU, `torch.cuda.set_sync_de
 synchronisation into an error (skipped without CUDA). Metrics are read once per log, in `trainer.log`.
 """
 
-import importlib.util
-import os
-import sys
 from collections import Counter
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 @pytest.fixture(scope="module")
-def host_reads():
-    spec = importlib.util.spec_from_file_location("host_reads", os.path.join(ROOT, "benchmarks", "host_reads.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["host_reads"] = module
-    spec.loader.exec_module(module)
-    return module
+def host_reads(benchmark_script):
+    return benchmark_script("host_reads")
 
 
 # (case of benchmarks/host_reads.py, LoRA?): every robustness method and every evidence kind at least once, both modes.
