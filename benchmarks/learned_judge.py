@@ -6,10 +6,11 @@ to the training pairs and asked about the same pairs, such a model has memorised
 fitted on the other folds (cross-fitting, as confident learning does for classifiers), its margin on a held-out pair
 is an independent judgement of that pair's label. This builds the digits benchmark's pairs for one seed and rater,
 flips `--flip-rates` of them, fits a small Bradley-Terry MLP on image features (`--features`: grey pixels, or the
-reference UNet's own block outputs) plus the prompt (one-hot over the distinct prompt texts) on all folds but one, scores the held-out fold, and prints the out-of-fold agreement with the
-given labels and the AUROC of the out-of-fold margin against `flipped`. No diffusion model is trained.
+reference UNet's own block outputs) plus the prompt (one-hot over the distinct prompt texts) on all folds but one,
+scores the held-out fold, and prints the out-of-fold agreement with the given labels and the AUROC of the out-of-fold
+margin against `flipped`. No diffusion model is trained.
 
-    python benchmarks/learned_judge.py --rater style --seed 100      # ~20 seconds on one CPU core
+    python benchmarks/learned_judge.py --rater style --seed 100      # about a minute on one CPU core
 """
 
 from __future__ import annotations
@@ -33,10 +34,15 @@ def fit_bradley_terry(winners: torch.Tensor, losers: torch.Tensor, context: torc
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=weight_decay)
     for _ in range(steps):
         optimizer.zero_grad()
-        margin = net(torch.cat([winners, context], 1)) - net(torch.cat([losers, context], 1))
-        torch.nn.functional.softplus(-margin).mean().backward()
+        torch.nn.functional.softplus(-bradley_terry_margin(net, winners, losers, context)).mean().backward()
         optimizer.step()
     return net
+
+
+def bradley_terry_margin(net: torch.nn.Module, winners: torch.Tensor, losers: torch.Tensor,
+                         context: torch.Tensor) -> torch.Tensor:
+    """r(winner) - r(loser) of every pair, shape (pairs, 1)."""
+    return net(torch.cat([winners, context], 1)) - net(torch.cat([losers, context], 1))
 
 
 def cross_fitted_margins(winners: torch.Tensor, losers: torch.Tensor, context: torch.Tensor, folds: int = 5,
@@ -50,8 +56,7 @@ def cross_fitted_margins(winners: torch.Tensor, losers: torch.Tensor, context: t
         net = fit_bradley_terry(winners[~held_out], losers[~held_out], context[~held_out], seed=seed + fold,
                                 **fit_options)
         with torch.no_grad():
-            score = net(torch.cat([winners[held_out], context[held_out]], 1)) - net(
-                torch.cat([losers[held_out], context[held_out]], 1))
+            score = bradley_terry_margin(net, winners[held_out], losers[held_out], context[held_out])
         margins[held_out.numpy()] = score.squeeze(1).numpy()
     return margins
 
@@ -137,11 +142,12 @@ def main(argv=None):
     for rate in args.flip_rates:
         _, base, _, dataset, _ = digits.flipped_pair_set(args.seed, rate, args.cache_dir, rater=args.rater)
         flipped = np.asarray(list(dataset["flipped"]), dtype=bool)
-        margins = cross_fitted_margins(*pair_features(dataset, args.features, base), folds=args.folds, hidden=args.hidden,
-                                       weight_decay=args.weight_decay)
+        margins = cross_fitted_margins(*pair_features(dataset, args.features, base), folds=args.folds,
+                                       hidden=args.hidden, weight_decay=args.weight_decay)
         wrong = margins < 0
         if flipped.any():
-            detection = f"{digits.auroc(-margins, flipped):.3f} | {wrong[flipped].mean():.2f} / {wrong[~flipped].mean():.2f}"
+            detection = (f"{digits.auroc(-margins, flipped):.3f} | {wrong[flipped].mean():.2f} / "
+                         f"{wrong[~flipped].mean():.2f}")
         else:
             detection = f"- | - / {wrong.mean():.2f}"
         print(f"| {rate:.0%} | {1 - wrong.mean():.3f} | {detection} |", flush=True)

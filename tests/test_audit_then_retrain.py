@@ -1,7 +1,7 @@
 """benchmarks/audit_then_retrain.py: its two rules for flagging audited pairs (the training itself is a benchmark)."""
 
-
 import numpy as np
+
 
 def test_flagging_rules(benchmark_script):
     script = benchmark_script("audit_then_retrain")

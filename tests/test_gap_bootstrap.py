@@ -3,6 +3,7 @@ seed means, and seeds missing a needed run are left out."""
 
 import json
 
+
 def _report(path, per_seed):
     runs = [{"seed": s, "runs": {k: {"reward_gain": g} for k, g in r.items()}} for s, r in per_seed.items()]
     with open(path, "w") as f:

@@ -1,9 +1,9 @@
 """benchmarks/learned_judge.py: a cross-fitted Bradley-Terry judge finds flipped labels where the features carry the
 preference, and sits at chance where they do not."""
 
-
 import numpy as np
 import torch
+
 
 def _pairs(num_pairs=400, flip_rate=0.2, seed=0):
     """Pairs of 4-feature images ranked by feature 0 (the preference), a share of them flipped."""

@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
+
 @pytest.fixture(scope="module")
 def host_reads(benchmark_script):
     return benchmark_script("host_reads")

@@ -57,8 +57,8 @@ FILTER_OVERRIDES: dict = {
 #: The minority filter judging by the reference model's prompt-contrast votes (docs/minority_filter.md), chosen on
 #: validation seeds at beta 100 (docs/results.md, eleventh round). The reference does not change: no decay, and no
 #: warm-up beyond the visits a pair needs to be judged. Vote threshold 0.6 (was 0.5 until 2026-12-07): it drops about
-#: half as many clean pairs (7-9 against 12-15 percent on clean data) and closed more of the gap at 20 percent flips on the
-#: validation seeds (docs/results.md, "A stricter vote threshold").
+#: half as many clean pairs (7-9 against 12-15 percent on clean data) and closed more of the gap at 20 percent flips
+#: on the validation seeds (docs/results.md, "A stricter vote threshold").
 CONTRAST_FILTER_OVERRIDES: dict = {
     "adaptive": False,
     "minority_filter": "threshold",
