@@ -21,28 +21,7 @@ import os
 import numpy as np
 import torch
 
-
-def fit_bradley_terry(winners: torch.Tensor, losers: torch.Tensor, context: torch.Tensor, hidden: int = 32,
-                      weight_decay: float = 1e-3, steps: int = 300, seed: int = 0) -> torch.nn.Module:
-    """A reward MLP r(image features, context) fitted by full-batch Adam to `-log sigmoid(r(winner) - r(loser))`."""
-    generator = torch.Generator().manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(winners.shape[1] + context.shape[1], hidden), torch.nn.Tanh(),
-                              torch.nn.Linear(hidden, 1))
-    with torch.no_grad():
-        for parameter in net.parameters():  # seeded here, so the judge does not depend on the global generator
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * parameter.shape[-1] ** -0.5)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=weight_decay)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.softplus(-bradley_terry_margin(net, winners, losers, context)).mean().backward()
-        optimizer.step()
-    return net
-
-
-def bradley_terry_margin(net: torch.nn.Module, winners: torch.Tensor, losers: torch.Tensor,
-                         context: torch.Tensor) -> torch.Tensor:
-    """r(winner) - r(loser) of every pair, shape (pairs, 1)."""
-    return net(torch.cat([winners, context], 1)) - net(torch.cat([losers, context], 1))
+from trl_adaptive.benchmarks.digits.judge import bradley_terry_margin, fit_bradley_terry, grey_pixels
 
 
 def cross_fitted_margins(winners: torch.Tensor, losers: torch.Tensor, context: torch.Tensor, folds: int = 5,
@@ -101,20 +80,17 @@ def pair_features(dataset, features: str = "pixels", base=None) -> tuple[torch.T
     "pixels" (grey levels in [0, 1]), "unet" (`reference_features` of the base pipeline `base`) or "ink" (the
     image's mean grey level alone: the quantity the style rater scores; a diagnostic of what a judge with the right
     representation could do, not a judge a user has)."""
-    def grey(images):
-        return np.stack([np.asarray(i.convert("L"), dtype=np.float32).reshape(-1) / 255.0 for i in images])
-
     prompts = list(dataset["prompt"])
     index = {p: k for k, p in enumerate(sorted(set(prompts)))}
     context = torch.nn.functional.one_hot(torch.tensor([index[p] for p in prompts]), len(index)).float()
     if features == "unet":
         return (*reference_features(base, dataset), context)
-    winners, losers = grey(dataset["chosen"]), grey(dataset["rejected"])
+    winners, losers = grey_pixels(dataset["chosen"]), grey_pixels(dataset["rejected"])
     if features == "ink":  # scaled to about unit spread (ink mass is 0.1-0.4)
-        winners, losers = winners.mean(1, keepdims=True) * 10, losers.mean(1, keepdims=True) * 10
+        winners, losers = winners.mean(1, keepdim=True) * 10, losers.mean(1, keepdim=True) * 10
     elif features != "pixels":
         raise ValueError(f"features must be 'pixels', 'unet' or 'ink', got {features!r}")
-    return torch.tensor(winners), torch.tensor(losers), context
+    return winners, losers, context
 
 
 def main(argv=None):

@@ -334,3 +334,51 @@ def test_random_augmentation_depends_on_seed_epoch_and_row_only():
     assert 0 < sum(f for f, _ in epoch0.values()) < 16 and 0 < sum(e for _, e in epoch0.values()) < 16
     collator.set_epoch(1)
     assert draws(range(16)) != epoch0
+
+
+# ---- a judge's scores (the minority filter's `judge` evidence) ----------------------------------------------
+
+
+class BrightnessJudge:
+    """A scorer with the `trl_adaptive.evaluation` interface: an image's mean grey level in [0, 1]."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, images, prompts):
+        self.calls += 1
+        assert len(images) == len(prompts)
+        return torch.tensor([np.asarray(image.convert("L"), dtype=np.float64).mean() / 255 for image in images])
+
+
+def test_judge_scores_follow_the_images_and_the_margin_the_label():
+    from trl_adaptive.data import JUDGE_SCORES_COLUMN, add_judge_scores
+
+    # jpg_0 white (1.0), jpg_1 black (0.0); label_0 = 0 makes the black image the winner: margin -1 there.
+    judge = BrightnessJudge()
+    scored = add_judge_scores(pickapic([1, 0, 1]), judge, batch_size=2, progress=False)
+    assert judge.calls == 2  # batches of two rows: each call scores both images of its rows
+    assert scored[JUDGE_SCORES_COLUMN] == [[1.0, 0.0]] * 3
+    assert collate(scored)["judge_margin"].tolist() == [1.0, -1.0, 1.0]
+    assert "judge_margin" not in collate(pickapic([1, 0]))
+    # TRL schema: a flip swaps the images, and the scores go with them, whether scored before or after the flip.
+    dataset = trl_style(6)
+    before = flip_labels(add_judge_scores(dataset, BrightnessJudge(), progress=False), rate=0.5, seed=1)
+    after = add_judge_scores(flip_labels(dataset, rate=0.5, seed=1), BrightnessJudge(), progress=False)
+    assert before[JUDGE_SCORES_COLUMN] == pytest.approx(after[JUDGE_SCORES_COLUMN])
+    margins, flipped = collate(after)["judge_margin"], torch.tensor(after["flipped"])
+    assert bool((margins[flipped] < 0).all()) and bool((margins[~flipped] > 0).all())
+    # Scoring again replaces the column; None is a row the judge abstains on (NaN margin).
+    rescored = add_judge_scores(scored, BrightnessJudge(), progress=False)
+    assert rescored.column_names.count(JUDGE_SCORES_COLUMN) == 1
+    abstains = scored.remove_columns(JUDGE_SCORES_COLUMN).add_column(JUDGE_SCORES_COLUMN, [None, [0.2, 0.3], [1, 0]])
+    assert torch.isnan(collate(abstains)["judge_margin"][0])
+
+
+@pytest.mark.parametrize("bad", [[0.5], [0.1, 0.2, 0.3], [0.1, float("nan")]])
+def test_bad_judge_scores_name_row_and_column(bad):
+    from trl_adaptive.data import JUDGE_SCORES_COLUMN
+
+    dataset = pickapic([1, 1]).add_column(JUDGE_SCORES_COLUMN, [[0.1, 0.2], bad])
+    with pytest.raises(ValueError, match=r"row 1, column 'judge_scores'"):
+        prepare_preference_dataset(dataset)

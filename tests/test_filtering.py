@@ -1,5 +1,7 @@
 """The minority filter's pure functions against values computed by hand."""
 
+import math
+
 import pytest
 import torch
 
@@ -182,3 +184,14 @@ def test_keep_mask_on_the_fixed_shape_history_equals_the_compacted_one():
     lonely = torch.full((40,), float("nan"))
     lonely[3] = 9.0
     assert minority_keep_mask(batch, visits, lonely, "threshold", threshold=0.0, min_visits=0).eq(1).all()
+
+
+def test_judge_evidence_by_hand():
+    from trl_adaptive.filtering import judge_evidence
+
+    # sigmoid(-margin / rms): a judge that prefers the labelled loser (negative margin) gives more than one half.
+    margins = torch.tensor([2.0, -1.0, 0.5, float("nan")])
+    evidence = judge_evidence(margins, rms=2.0)
+    expected = [1 / (1 + math.exp(1.0)), 1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(0.25))]
+    assert evidence[:3].tolist() == pytest.approx(expected, abs=1e-6) and torch.isnan(evidence[3])
+    assert judge_evidence(margins * 10, rms=20.0)[:3].tolist() == pytest.approx(expected, abs=1e-6)  # scale-free

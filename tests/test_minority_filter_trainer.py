@@ -253,3 +253,64 @@ def test_judge_check_counts_votes_until_the_decision_by_hand(tmp_path):
     with pytest.warns(UserWarning, match="starts counting the reference's votes again"):
         fresh.load(str(tmp_path / "missing"))
     assert fresh.state.tolist() == [0.0] * 5
+
+
+class _ColourJudge:
+    """A judge with the scorer interface that knows the toy preference: the mean of the colour the prompt names."""
+
+    def __init__(self, sign=1.0):
+        self.sign = sign
+
+    def score(self, images, prompts):
+        import numpy as np
+
+        channel = {"red": 0, "green": 1, "blue": 2}
+        return torch.tensor([self.sign * np.asarray(image, dtype=np.float64)[..., channel[p.split()[1]]].mean()
+                             for image, p in zip(images, prompts)])
+
+
+def _judge_args(folder, **overrides):
+    values = dict(
+        output_dir=str(folder), adaptive=False, max_steps=4, per_device_train_batch_size=4, resolution=32,
+        learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+        minority_filter="threshold", minority_evidence="judge", minority_filter_threshold=0.5,
+        minority_filter_max_fraction=1.0, minority_filter_min_visits=1, minority_filter_agreement_votes=4,
+        minority_filter_min_agreement=0.6,
+    )
+    values.update(overrides)
+    return AdaptiveDPOConfig(**values)
+
+
+def test_judge_evidence_drops_the_pairs_the_judge_contradicts_and_its_check_falls_back(tmp_path):
+    import pytest
+
+    from trl_adaptive.data import add_judge_scores, flip_labels
+
+    torch.set_flush_denormal(True)
+    data = flip_labels(toy_preference_dataset(8), rate=0.25, seed=0)  # two pairs flipped
+
+    def train(folder, judge):
+        scored = add_judge_scores(data, judge, progress=False)
+        trainer = AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=_judge_args(folder), train_dataset=scored)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        logs = trainer.state.log_history
+        return ([(log["minority/flipped_dropped"] if "minority/flipped_dropped" in log else None,
+                  log.get("minority/clean_dropped")) for log in logs if "minority/kept_fraction" in log],
+                [log["minority/judge_agreement"] for log in logs if "minority/judge_agreement" in log],
+                [str(w.message) for w in caught if "filter is off from step" in str(w.message)])
+
+    # The judge knows the preference: it agrees with 6 of 8 labels. Decided on step 0's four votes; from then on the
+    # pairs it contradicts, exactly the flipped ones, are dropped and no clean pair is.
+    drops, agreement, turned_off = train(tmp_path / "knows", _ColourJudge())
+    assert turned_off == [] and 0.6 <= agreement[0] <= 1.0
+    assert drops and all(clean == 0.0 for _, clean in drops) and any(f == 1.0 for f, _ in drops)
+    # A judge of the opposite preference agrees with the flipped labels only: the check fails, nothing is dropped,
+    # and the user is told the run is plain Diffusion-DPO.
+    drops, agreement, turned_off = train(tmp_path / "opposite", _ColourJudge(sign=-1.0))
+    assert agreement[0] < 0.6 and len(turned_off) == 1 and "the judge's scores agreed" in turned_off[0]
+    assert all(flipped in (0.0, None) and clean in (0.0, None) for flipped, clean in drops)
+    # Without the column the trainer stops before training, naming it and the helper that adds it.
+    with pytest.raises(ValueError, match=r"judge_scores.*add_judge_scores"):
+        AdaptiveDiffusionDPOTrainer(tiny_sd_pipeline(), args=_judge_args(tmp_path / "none"), train_dataset=data)

@@ -50,6 +50,10 @@ CASES = {
         )
         for evidence in ("logit", "wrong_sign", "score", "prompt_contrast")
     },
+    # The judge's votes are fixed per pair (`judge_margin` in the batch): decided once 20 of them are counted.
+    "filter_judge": dict(adaptive=False, minority_filter="threshold", minority_evidence="judge",
+                         minority_filter_threshold=0.5, minority_filter_max_fraction=0.5, minority_filter_min_visits=1,
+                         minority_filter_min_agreement=0.01, minority_filter_agreement_votes=20),
     "filter_mixture": dict(adaptive=False, minority_filter="mixture", minority_evidence="logit", minority_filter_min_separation=0.0,
                            minority_filter_warmup_steps=2, minority_filter_min_visits=1, minority_evidence_draws=2),
 }
@@ -176,7 +180,9 @@ def _run(methods, model, steps, rank=0, world=1, flipped=True):
     forwards = next(iter(methods.values())).forwards
     for step in steps:
         rows = _batch_rows(step, rank, world)
-        inputs = {"row_index": rows}
+        # A judge's margins (winner minus loser score): fixed per row, some against the label, NaN where it abstains.
+        inputs = {"row_index": rows,
+                  "judge_margin": torch.where(rows % 5 == 0, float("nan"), torch.sin(2.1 * rows.float() + 0.5))}
         if flipped:
             inputs["flipped"] = rows % 3 == 0
         with_annotators = any(m.wants_annotators(step, True) for m in methods.values())

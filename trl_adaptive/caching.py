@@ -71,6 +71,7 @@ PASSTHROUGH_FIELDS = (
     "crop_top_left_chosen",
     "crop_top_left_rejected",
     "flipped",
+    "judge_margin",
 )
 
 # ----------------------------------------------------------------------------------------------------------

@@ -242,8 +242,11 @@ class AdaptiveDPOConfig(TrainingArguments):
             "prompt in the batch, lowers the reference's denoising error of the labelled loser more than of the "
             "winner, i.e. the reference finds the loser more faithful to the prompt; votes from pairs whose contrast "
             "prompt is the same text do not count, so it needs per-device batches of several distinct prompts). "
-            "`prompt_contrast` is the only one that closed half the gap on the digits benchmark at beta 100; it "
-            "helps only where the preference follows prompt fidelity (docs/minority_filter.md)."
+            "`prompt_contrast` closed half the gap on the digits benchmark at beta 100 where the preference follows "
+            "prompt fidelity, and only there; or `judge` (a judge you bring: 1 when the data's `judge_scores` column, "
+            "a reward model's scores of the two images from trl_adaptive.data.add_judge_scores, prefers the labelled "
+            "loser; fixed per pair, so no extra draws are made and `minority_filter_min_visits` 1 suffices). Both "
+            "judges are checked against the labels first (minority_filter_min_agreement; docs/minority_filter.md)."
         },
     )
     minority_evidence_draws: int = field(
@@ -314,17 +317,17 @@ class AdaptiveDPOConfig(TrainingArguments):
     )
     minority_filter_min_agreement: float = field(
         default=0.57,
-        metadata={"help": "With minority_evidence='prompt_contrast', the judge check: the filter drops nothing until the "
-                  "reference has cast `minority_filter_agreement_votes` votes; then, if fewer than this share of them "
-                  "agree with the labels, the reference cannot judge this preference and the filter turns itself off for "
-                  "the rest of the run (plain Diffusion-DPO, with a warning). In [0, 1); 0 turns the check off. 0.57: "
+        metadata={"help": "With minority_evidence='prompt_contrast' or 'judge', the judge check: the filter drops nothing "
+                  "until the judge has cast `minority_filter_agreement_votes` votes; then, if fewer than this share of "
+                  "them agree with the labels, the judge cannot judge this preference and the filter turns itself off "
+                  "for the rest of the run (plain Diffusion-DPO, with a warning). In [0, 1); 0 turns the check off. 0.57: "
                   "on the digits benchmark's validation seeds the share of agreeing votes was 0.507-0.565 with the style "
                   "rater's labels (any flip rate) and 0.576-0.748 with the fidelity rater's (0 to 30 in 100 labels "
                   "flipped; docs/minority_filter.md)."},
     )
     minority_filter_agreement_votes: int = field(
         default=2048,
-        metadata={"help": "Votes of the reference counted before the judge check decides (all processes together). "
+        metadata={"help": "Votes of the judge counted before the judge check decides (all processes together). "
                   "2048 puts the agreement's standard error near 1.5 points even when a pair's votes are correlated "
                   "(about 1000 pair visits); a batch of 32 pairs casts about 65 votes per step with two extra draws."},
     )

@@ -35,6 +35,9 @@ logger = logging.get_logger(__name__)
 ROW_INDEX_LIST = "row_index_list"
 
 VALID_LABELS = (0.0, 0.5, 1.0)
+#: Optional column of a judge's scores of each row's two images, in the schema's image order (`add_judge_scores`):
+#: the minority filter's ``judge`` evidence (docs/minority_filter.md, "A judge you bring").
+JUDGE_SCORES_COLUMN = "judge_scores"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,6 +178,12 @@ def prepare_preference_dataset(
     for i, prompt in enumerate(dataset[schema.prompt_column]):
         if not isinstance(prompt, str) and i not in bad:
             bad[i] = (schema.prompt_column, f"row {rows[i]}, column {schema.prompt_column!r}: expected a string, got {prompt!r:.80}")
+    if JUDGE_SCORES_COLUMN in dataset.column_names:
+        for i, value in enumerate(dataset[JUDGE_SCORES_COLUMN]):
+            try:
+                judge_scores(value, rows[i])
+            except ValueError as err:
+                bad.setdefault(i, (JUDGE_SCORES_COLUMN, str(err)))
     if check_images:
         bad.update(find_undecodable_images(dataset, schema, skip=set(bad), num_proc=num_proc, progress=progress))
     if bad and not skip_bad_rows:
@@ -206,7 +215,29 @@ def row_problem(schema: PreferenceSchema, row: dict) -> tuple[str, str] | None:
     prompt = row[schema.prompt_column]
     if not isinstance(prompt, str):
         return schema.prompt_column, f"row {row['row_index']}, column {schema.prompt_column!r}: expected a string, got {prompt!r:.80}"
+    if JUDGE_SCORES_COLUMN in row:
+        try:
+            judge_scores(row[JUDGE_SCORES_COLUMN], row["row_index"])
+        except ValueError as err:
+            return JUDGE_SCORES_COLUMN, str(err)
     return None
+
+
+def judge_scores(value: Any, row: Any) -> tuple[float, float]:
+    """A row's ``judge_scores``: the judge's scores of its first and second image as two finite floats, or two NaNs
+    where the judge abstains (``None``); ValueError naming the row and column otherwise."""
+    if value is None:
+        return float("nan"), float("nan")
+    try:
+        first, second = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"row {row}, column {JUDGE_SCORES_COLUMN!r}: expected the judge's scores of the two images, like "
+            f"[0.21, 0.19], got {value!r:.80}"
+        ) from None
+    if not (np.isfinite(first) and np.isfinite(second)):
+        raise ValueError(f"row {row}, column {JUDGE_SCORES_COLUMN!r}: scores must be finite, got {value!r:.80} (None: no judgement)")
+    return first, second
 
 
 def _keep_streamed_row(row: dict, schema: PreferenceSchema, drop_ties: bool, skip_bad_rows: bool) -> bool:
@@ -357,6 +388,8 @@ def flip_labels(dataset, rate: float, seed: int = 0):
         else:
             for k in rows:
                 batch["chosen"][k], batch["rejected"][k] = batch["rejected"][k], batch["chosen"][k]
+                if JUDGE_SCORES_COLUMN in batch and batch[JUDGE_SCORES_COLUMN][k] is not None:
+                    batch[JUDGE_SCORES_COLUMN][k] = list(batch[JUDGE_SCORES_COLUMN][k])[::-1]  # scores follow images
         batch["flipped"] = [bool(flipped[i]) for i in indices]
         return batch
 
@@ -376,6 +409,8 @@ def _flip_row(example: dict, index: int, schema: PreferenceSchema, rate: float, 
         out["human_preference"] = list(label)[::-1]
     elif flip:
         out["chosen"], out["rejected"] = example["rejected"], example["chosen"]
+        if example.get(JUDGE_SCORES_COLUMN) is not None:  # the scores follow their images
+            out[JUDGE_SCORES_COLUMN] = list(example[JUDGE_SCORES_COLUMN])[::-1]
     return out
 
 
@@ -440,7 +475,8 @@ class PreferenceCollator:
 
     Output keys: ``pixel_values_chosen``, ``pixel_values_rejected`` (B, 3, R, R); ``prompts`` (list of str);
     ``row_index`` (B,); ``original_size_{chosen,rejected}`` and ``crop_top_left_{chosen,rejected}`` (B, 2); and
-    ``flipped`` (B,) when the dataset has that column.
+    ``flipped`` (B,) when the dataset has that column; ``judge_margin`` (B,), the judge's score of the labelled winner
+    minus that of the loser (NaN where it abstains), when the dataset has a ``judge_scores`` column.
 
     Random crops, flips and empty prompts are drawn from a generator seeded with ``(seed, epoch, row_index)``, not
     from torch's global RNG: the Trainer collates a batch *before* it restores the RNG state of a checkpoint, so
@@ -470,7 +506,7 @@ class PreferenceCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         batch: dict[str, list] = {k: [] for k in ("chosen", "rejected", "size_c", "size_r", "crop_c", "crop_r")}
-        prompts, row_index = [], []
+        prompts, row_index, judge_margins = [], [], []
         for position, example in enumerate(rows):
             row = example.get("row_index")
             rng = np.random.default_rng([self.seed, self.epoch, row if row is not None else position])
@@ -482,6 +518,9 @@ class PreferenceCollator:
             images = [decode_image(first, row, columns[0]), decode_image(second, row, columns[1])]
             if first_wins == 0.0:
                 images.reverse()
+            if JUDGE_SCORES_COLUMN in example:
+                first_score, second_score = judge_scores(example[JUDGE_SCORES_COLUMN], row)
+                judge_margins.append(first_score - second_score if first_wins != 0.0 else second_score - first_score)
             crop = tuple(rng.random(2).tolist()) if self.random_crop else (0.5, 0.5)
             flip = bool(self.random_flip and rng.random() < 0.5)
             for image, key, size_key, crop_key in zip(images, ("chosen", "rejected"), ("size_c", "size_r"), ("crop_c", "crop_r")):
@@ -509,7 +548,47 @@ class PreferenceCollator:
         }
         if rows and "flipped" in rows[0]:
             out["flipped"] = torch.tensor([bool(r["flipped"]) for r in rows])
+        if judge_margins:
+            out["judge_margin"] = torch.tensor(judge_margins, dtype=torch.float32)
         return out
+
+
+def add_judge_scores(dataset, scorer, batch_size: int = 16, progress: bool = True):
+    """The dataset with a ``judge_scores`` column: a judge's scores of each row's two images under the row's prompt,
+    in the schema's image order, for the minority filter's ``judge`` evidence.
+
+    `scorer` is anything with ``score(images, prompts) -> (N,) tensor``: a `trl_adaptive.evaluation` scorer (PickScore,
+    HPSv2, ImageReward, an aesthetic head; `load_scorer`) or your own reward model. Score the data you will train on:
+    the scores belong to the images of their row (`flip_labels` keeps them with their images). A map-style dataset
+    is scored now (a progress bar); a stream is scored as it is read. An existing ``judge_scores`` column is replaced.
+    """
+    schema = detect_schema(dataset_columns(dataset))
+    columns = schema.image_columns * (2 // len(schema.image_columns))
+
+    def score_batch(batch: dict) -> dict:
+        size = len(batch[schema.prompt_column])
+        firsts, seconds = [], []
+        for k in range(size):
+            row = {name: values[k] for name, values in batch.items()}
+            first, second = schema.images(row)
+            label = row.get("row_index", k)
+            firsts.append(decode_image(first, label, columns[0]))
+            seconds.append(decode_image(second, label, columns[1]))
+        prompts = [str(p) for p in batch[schema.prompt_column]]
+        with torch.no_grad():
+            scores = torch.as_tensor(scorer.score(firsts + seconds, prompts + prompts)).detach().float().cpu().reshape(-1)
+        return {JUDGE_SCORES_COLUMN: [[a, b] for a, b in zip(scores[:size].tolist(), scores[size:].tolist())]}
+
+    if JUDGE_SCORES_COLUMN in dataset_columns(dataset):
+        dataset = dataset.remove_columns(JUDGE_SCORES_COLUMN)
+    if is_streamed(dataset):
+        return dataset.map(score_batch, batched=True, batch_size=batch_size)
+    from tqdm.auto import tqdm
+
+    scores = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="Scoring pairs with the judge", disable=not progress):
+        scores.extend(score_batch(dataset[start:start + batch_size])[JUDGE_SCORES_COLUMN])
+    return dataset.add_column(JUDGE_SCORES_COLUMN, scores)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ applied to Diffusion-DPO's logit.
 
 The policy's own evidence cannot tell a flipped pair from a clean pair the model has not learned yet (both are ranked
 against their label); ``prompt_contrast_evidence`` asks the fixed reference model instead, which judges how well each
-image fits its prompt (docs/minority_filter.md, "The reference as a judge").
+image fits its prompt (docs/minority_filter.md, "The reference as a judge"), and ``judge_evidence`` asks a judge the
+user brings, a reward model's scores of the pair's images (docs/minority_filter.md, "A judge you bring").
 
 Convention: *evidence* is larger for pairs that look more like minority labels (as ``u`` is).
 
@@ -25,7 +26,7 @@ import torch
 #: Values of ``AdaptiveDPOConfig.minority_filter``.
 MINORITY_FILTERS = ("none", "top_fraction", "threshold", "mixture")
 #: Values of ``AdaptiveDPOConfig.minority_evidence``.
-MINORITY_EVIDENCE = ("logit", "wrong_sign", "score", "prompt_contrast")
+MINORITY_EVIDENCE = ("logit", "wrong_sign", "score", "prompt_contrast", "judge")
 
 
 def logit_evidence(logits: torch.Tensor, rms: torch.Tensor | float) -> torch.Tensor:
@@ -45,6 +46,21 @@ def wrong_sign_evidence(logits: torch.Tensor) -> torch.Tensor:
     timesteps with large logits do not dominate it (they do dominate the mean of ``-l / rms``).
     """
     return (logits.detach() < 0).float()
+
+
+def judge_evidence(margins: torch.Tensor, rms: torch.Tensor | float) -> torch.Tensor:
+    """Minority evidence from a judge's scores of the pair's images: ``sigmoid(-margin / rms)``, detached, where
+    ``margin`` (``judge_margin``) is the labelled winner's score minus the loser's and ``rms`` their root mean square
+    over the *global* batch (computed by the caller).
+
+    Above 0.5 exactly where the judge prefers the labelled loser (its vote), the further the larger the judge's lead.
+    For a Bradley-Terry reward model it is the model's probability that the label is wrong, with the margin put in
+    units of its typical size, so any judge's scale (PickScore's, an aesthetic score's) gives the same rule. The same
+    on every visit up to the batch's scale: the judge does not change while the model trains. NaN margins (the judge
+    abstains) give NaN.
+    """
+    rms = torch.as_tensor(rms, dtype=torch.float32, device=margins.device).clamp_min(1e-12)
+    return torch.sigmoid(-margins.detach().float() / rms)
 
 
 def prompt_contrast_evidence(own_errors: torch.Tensor, contrast_errors: torch.Tensor) -> torch.Tensor:

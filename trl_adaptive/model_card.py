@@ -35,6 +35,8 @@ MINORITY_FILTER_SENTENCES = {
     "contradicted their label on most of its votes (trl-adaptive's minority filter with `prompt_contrast` evidence).",
     **{kind: "Pairs were dropped while the model being trained ranked them against their label across their visits "
        "(trl-adaptive's minority filter)." for kind in ("wrong_sign", "logit")},
+    "judge": "Pairs were dropped where a judge's scores of the two images (a reward model's, in the data's "
+    "`judge_scores` column) preferred the labelled loser (trl-adaptive's minority filter with `judge` evidence).",
     "score": "Pairs were dropped while their Adaptive-DPO minority score, averaged over their visits, marked them as "
     "minority labels (trl-adaptive's minority filter).",
 }

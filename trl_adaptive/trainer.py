@@ -38,7 +38,7 @@ from .forwards import PairForwards
 from .losses import preference_loss
 from .metrics import TrainingMetrics
 from .model_card import build_model_card
-from .robustness import GlobalBatch, PairStep, build_methods, combine
+from .robustness import GlobalBatch, PairStep, build_methods, check_training_columns, combine
 from .sampling import SampleImagesCallback
 
 logger = logging.get_logger(__name__)
@@ -127,6 +127,7 @@ class AdaptiveDiffusionDPOTrainer(DeprecatedTrainerAttributes, Trainer):
             )
         if train_dataset is not None:
             train_dataset, self.dataset_info = self._prepare_dataset(train_dataset, args, "train")
+            check_training_columns(args, dataset_columns(train_dataset))
             if self.dataset_info.get("streamed"):
                 logger.info(f"Preference data: {self.dataset_info['schema']} schema, streamed (rows checked as read)")
             else:

@@ -20,6 +20,13 @@ def validate_config(args) -> None:
         method.validate(args)
 
 
+def check_training_columns(args, columns: list[str]) -> None:
+    """Every enabled method checks that the training data has what it reads, before training starts."""
+    for method in ROBUSTNESS_METHODS:
+        if method.enabled(args):
+            method.check_columns(args, columns)
+
+
 def source_rows(dataset) -> int:
     """1 + the largest ``row_index`` of the training data: a latent cache knows it, a map-style dataset has the
     column; a stream's is unknown before it is read, so its records start empty and grow (`PairHistory`)."""
@@ -58,6 +65,7 @@ __all__ = [
     "PairTreatment",
     "RobustnessMethod",
     "build_methods",
+    "check_training_columns",
     "combine",
     "report_kept_pairs",
     "validate_config",

@@ -124,6 +124,11 @@ class RobustnessMethod:
         """Check this method's config fields (called by `AdaptiveDPOConfig.__post_init__`); raise ValueError naming
         the field."""
 
+    @classmethod
+    def check_columns(cls, args, columns: list[str]) -> None:
+        """Check, before training, that the training data has the columns this method reads (called when enabled);
+        raise ValueError naming the column."""
+
     def setup(self, denoiser: torch.nn.Module, accelerator) -> None:
         """Called once the trainer's model and accelerator are prepared (create frozen copies here)."""
 

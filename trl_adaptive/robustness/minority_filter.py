@@ -2,9 +2,10 @@
 averaged over their visits, says they carry minority labels.
 
 Each training visit of a pair adds evidence to its record (`PairHistory`): the policy's own ranking (``logit``,
-``wrong_sign``), Adaptive-DPO's u (``score``, the adaptive method's record) or the reference's prompt-fidelity
+``wrong_sign``), Adaptive-DPO's u (``score``, the adaptive method's record), the reference's prompt-fidelity
 votes (``prompt_contrast``), from the training draw plus ``minority_evidence_draws`` extra noise draws at noisy
-timesteps. After ``minority_filter_warmup_steps`` the rule (`filtering.minority_keep_mask`) drops pairs. The
+timesteps, or the vote of a judge the user brings (``judge``: a reward model's scores in the data, one fixed vote per
+pair). After ``minority_filter_warmup_steps`` the rule (`filtering.minority_keep_mask`) drops pairs. The
 evidence functions and rules are pure functions in `trl_adaptive.filtering`.
 """
 
@@ -18,9 +19,11 @@ from functools import partial
 import torch
 
 from .. import _checks
+from ..data import JUDGE_SCORES_COLUMN
 from ..filtering import (
     MINORITY_EVIDENCE,
     MINORITY_FILTERS,
+    judge_evidence,
     logit_evidence,
     minority_keep_mask,
     wrong_sign_evidence,
@@ -33,6 +36,8 @@ EVIDENCE_FILE = "pair_logit_evidence.safetensors"
 #: (sigmoid(-4) = 0.018 of the largest gradient), the logistic regime in which the filter was measured to harm.
 FILTER_HINGE_REGIME_MIN = 4.0
 JUDGE_CHECK_FILE = "minority_judge_check.json"
+#: The evidence kinds that come from a judge other than the policy, checked against the labels (`JudgeCheck`).
+JUDGED_EVIDENCE = ("prompt_contrast", "judge")
 
 
 def report_kept_pairs(keep: torch.Tensor, step: PairStep, batch: GlobalBatch, metrics) -> torch.Tensor:
@@ -46,8 +51,9 @@ def report_kept_pairs(keep: torch.Tensor, step: PairStep, batch: GlobalBatch, me
 
 
 class JudgeCheck:
-    """Whether the reference's `prompt_contrast` votes agree with the labels well enough for the filter to act on
-    them (config ``minority_filter_min_agreement``, ``minority_filter_agreement_votes``).
+    """Whether a judge's votes (the reference's `prompt_contrast` votes, or the `judge` scores of the data) agree with
+    the labels well enough for the filter to act on them (config ``minority_filter_min_agreement``,
+    ``minority_filter_agreement_votes``).
 
     The votes of the global batch are counted until ``min_votes`` have been cast; at that step the share that agrees
     with the labels is compared with ``min_agreement``, once for the whole run: at or above it the filter may drop
@@ -169,6 +175,15 @@ class MinorityFilter(RobustnessMethod):
                 "in [0, 1) (0: no judge check)")
         require("minority_filter_agreement_votes", args.minority_filter_agreement_votes >= 1, ">= 1")
 
+    @classmethod
+    def check_columns(cls, args, columns: list[str]) -> None:
+        if args.minority_evidence == "judge" and JUDGE_SCORES_COLUMN not in columns:
+            raise ValueError(
+                f"AdaptiveDPOConfig.minority_evidence='judge' reads the judge's scores from a {JUDGE_SCORES_COLUMN!r} "
+                f"column, which the training data lacks (its columns: {sorted(columns)}). Add it with "
+                "trl_adaptive.data.add_judge_scores(dataset, scorer), e.g. with load_scorer('pickscore')."
+            )
+
     def __init__(self, args, num_rows, batch, forwards=None, scores_history: PairHistory | None = None):
         super().__init__(args, num_rows, batch, forwards)
         self.owns_history = args.minority_evidence != "score"
@@ -179,14 +194,14 @@ class MinorityFilter(RobustnessMethod):
                                        growable=num_rows == 0) if num_rows is not None else None
         # The reference judges a preference it may not know: its agreement with the labels is checked first.
         self.judge = None
-        if args.minority_evidence == "prompt_contrast" and args.minority_filter_min_agreement > 0:
+        if args.minority_evidence in JUDGED_EVIDENCE and args.minority_filter_min_agreement > 0:
             self.judge = JudgeCheck(args.minority_filter_min_agreement, args.minority_filter_agreement_votes)
         # Set at the log that reports a failed check: from then on the filter casts no votes (its extra forwards
         # are saved) and drops nothing. Until that log the device-side check already keeps every pair.
         self.switched_off = False
-        # With the policy's own evidence the loss's regime is watched instead (`watch_regime`); the reference's votes
-        # do not depend on it.
-        self._regime_checked = args.minority_evidence == "prompt_contrast"
+        # With the policy's own evidence the loss's regime is watched instead (`watch_regime`); a judge's votes do not
+        # depend on it.
+        self._regime_checked = args.minority_evidence in JUDGED_EVIDENCE
         # On the device until a log reads them (`on_log`): whether the filter has dropped a pair, and the median
         # |beta l| at the first step that did.
         self._dropped: torch.Tensor | None = None
@@ -219,8 +234,8 @@ class MinorityFilter(RobustnessMethod):
         evidence, valid = self.batch.gather(torch.cat(draws)), self.batch.gather(torch.cat(valid)).bool()
         # One visit: all its draws in one record (one decay step, one visit counted).
         self.history.record(self.batch.gather(step.rows.repeat(len(draws))), evidence, valid)
-        if self.judge is not None:
-            self.judge.count(evidence, valid, step.global_step)
+        if self.judge is not None:  # votes: 1 where the judge prefers the labelled loser (evidence above one half)
+            self.judge.count((evidence > 0.5).float(), valid, step.global_step)
             metrics.add("train", "minority/judge_agreement", self.judge.agreement())
             # Logged once decided (1: the filter may drop, 0: it is off), so the log can see the decision without a read.
             metrics.add("train", "minority/judge_passed", self.judge.allows().double(), present=self.judge.decided())
@@ -233,6 +248,17 @@ class MinorityFilter(RobustnessMethod):
         entries count. Only noisy timesteps vote (`minority_evidence_min_noise`): the extra draws sample there, the
         training draw's uniform timestep counts when it falls there."""
         args, forwards, out = self.args, self.forwards, step.outputs
+        if args.minority_evidence == "judge":  # fixed scores: one vote per visit, no forward
+            if "judge_margin" not in step.inputs:
+                raise ValueError(
+                    "AdaptiveDPOConfig.minority_evidence='judge' needs a 'judge_scores' column in the training data "
+                    "(trl_adaptive.data.add_judge_scores): this batch has none"
+                )
+            margins = step.inputs["judge_margin"].to(step.logits.device).float()
+            valid = torch.isfinite(margins) & (margins != 0)  # the judge abstains on NaN, and a tie says nothing
+            margins = torch.where(valid, margins, 0.0)
+            mean_square = self.batch.mean(margins.pow(2)) / self.batch.mean(valid.float()).clamp_min(1e-12)
+            return [torch.where(valid, judge_evidence(margins, mean_square.sqrt()), 0.0)], [valid]
         min_noise = args.minority_evidence_min_noise
         contrast = args.minority_evidence == "prompt_contrast"
         noisy_enough = forwards.family.noise_level(out["timesteps"]) >= min_noise
@@ -325,15 +351,19 @@ class MinorityFilter(RobustnessMethod):
         """The judge check failed: no more votes, nothing dropped, and the user is told (again in a resumed run, whose
         log would not show the decision a second time)."""
         self.switched_off = True
+        judge = "the reference" if self.args.minority_evidence == "prompt_contrast" else "the judge's scores"
+        measured = (
+            "On the digits benchmark it agreed on 71-75% with clean prompt-fidelity labels (57-61% at 30% flips) and on "
+            "47-57% with a style rater's labels" if self.args.minority_evidence == "prompt_contrast" else
+            "A judge that knows the raters' preference agrees with far more (digits benchmark: 65-89%)"
+        )
         warnings.warn(
-            f"minority_evidence='prompt_contrast': the reference agreed with the labels on {decision['agreement']:.1%} "
-            f"of its first {decision['votes']} votes (below minority_filter_min_agreement="
+            f"minority_evidence={self.args.minority_evidence!r}: {judge} agreed with the labels on "
+            f"{decision['agreement']:.1%} of the first {decision['votes']} votes (below minority_filter_min_agreement="
             f"{self.judge.min_agreement:g}), so it cannot judge this preference and the minority "
             f"filter is off from step {decision['step']} on"
             + (" (decided before the checkpoint this run resumed from)" if resumed else "")
-            + ": the run continues as plain Diffusion-DPO. On the "
-            "digits benchmark it agreed on 71-75% with clean prompt-fidelity labels (57-61% at 30% flips) and on "
-            "47-57% with a style rater's labels (docs/minority_filter.md, 'The judge check').",
+            + f": the run continues as plain Diffusion-DPO. {measured} (docs/minority_filter.md, 'The judge check').",
             UserWarning,
             stacklevel=3,
         )

@@ -51,6 +51,11 @@ def parse_args(argv=None):
                         metavar="METHOD:FIELD=VALUE",
                         help="Extra AdaptiveDPOConfig field for one method of the grid (repeatable), for sweeps of "
                         "methods other than the two filters (e.g. 'capped:misranked_weight=0.3').")
+    parser.add_argument("--judge-seeds", type=int, default=None,
+                        help="judge_filter: pair sets (of about 470 pairs, seeds 200..) its judge is fitted to (default 16).")
+    parser.add_argument("--judge-flip-rate", type=float, default=None,
+                        help="judge_filter: share of the judge's own training labels flipped (default 0: the rater's "
+                        "labels; the run's flips are only in the pairs it judges).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="Runs trained at a time, each in its own process with --threads (default cpus / workers) threads (default "
@@ -95,6 +100,14 @@ def settings_from_args(args) -> BenchmarkSettings:
         settings.drop_shares = tuple(args.drop_shares)
     settings.filter_overrides.update(_parse_override(o) for o in args.overrides)
     settings.rater = args.rater
+    if args.judge_seeds is not None:
+        if args.judge_seeds < 1:
+            raise ValueError(f"--judge-seeds must be >= 1, got {args.judge_seeds}")
+        settings.judge_seeds = args.judge_seeds
+    if args.judge_flip_rate is not None:
+        if not 0.0 <= args.judge_flip_rate < 0.5:
+            raise ValueError(f"--judge-flip-rate must be in [0, 0.5), got {args.judge_flip_rate}")
+        settings.judge_flip_rate = args.judge_flip_rate
     for text in args.method_overrides:
         method, sep, override = text.partition(":")
         if not sep or method not in METHOD_LABELS:

@@ -32,6 +32,8 @@ def method_overrides(method: str, flip_rate: float, train_steps: int = 0, filter
         return {"adaptive": False, "loss_type": "capped_sigmoid"}
     if method == "contrast_filter":  # the minority filter on the reference's prompt-contrast votes (eleventh round)
         return dict(CONTRAST_FILTER_OVERRIDES)
+    if method == "judge_filter":  # the minority filter on a reward model's scores (the run adds them: judge.py)
+        return dict(JUDGE_FILTER_OVERRIDES)
     if method in ("filter", "filter_free"):  # this library's minority filter (docs/minority_filter.md, docs/results.md)
         overrides = {"minority_filter_warmup_steps": int(FILTER_WARMUP_SHARE * train_steps)}
         overrides.update(FILTER_OVERRIDES if filter_overrides is None else filter_overrides)
@@ -71,6 +73,22 @@ CONTRAST_FILTER_OVERRIDES: dict = {
     "minority_filter_min_visits": 2,
     "minority_filter_warmup_steps": 0,
 }
+#: The minority filter judging by a reward model's scores of the pair's images (`minority_evidence="judge"`; the
+#: judge is fitted on separate pairs of the same raters, judge.py). Fixed a priori, not searched: drop the pairs the
+#: judge finds against their label (evidence above one half), judged from their first visit, after the check has
+#: counted 512 votes (about one epoch of the demo's pairs, whose votes repeat on later visits); no cap on the share
+#: dropped, as the check has vouched for the judge (a cap binds on its own evidence only by chance).
+JUDGE_FILTER_OVERRIDES: dict = {
+    "adaptive": False,
+    "minority_filter": "threshold",
+    "minority_filter_threshold": 0.5,
+    "minority_filter_max_fraction": 1.0,
+    "minority_evidence": "judge",
+    "minority_evidence_decay": 0.0,
+    "minority_filter_min_visits": 1,
+    "minority_filter_warmup_steps": 0,
+    "minority_filter_agreement_votes": 512,
+}
 #: Share of the fine-tuning steps spent gathering evidence before the filter drops anything.
 FILTER_WARMUP_SHARE = 1 / 3
 
@@ -83,6 +101,7 @@ METHOD_LABELS = {
     "filter": "minority filter (ours)",
     "filter_free": "minority filter, training draw only (ours)",
     "contrast_filter": "minority filter, reference prompt contrast (ours)",
+    "judge_filter": "minority filter, a judge fitted to other pairs (ours)",
     "oracle": "oracle (flipped pairs removed)",
     # Diagnostic, not in the default grid: the true labels drop every flipped pair, but only from the step where the
     # minority filter starts dropping (after its warm-up): the ceiling of any filter that starts there.

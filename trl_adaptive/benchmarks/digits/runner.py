@@ -106,8 +106,11 @@ def run_seed(seed: int, settings: BenchmarkSettings, base, base_folder: str, rat
     result = {"seed": seed, "pairs": pair_info, "base_reward": float(evaluation["base_rewards"].mean(dtype=np.float64)), "runs": {}}
     samples = {"base": evaluation["base_images"]} if keep_samples else {}
     flipped_sets = {rate: flip_labels(pairs, rate, seed=seed) for rate in settings.flip_rates}
+    judged_sets = judged_pair_sets(flipped_sets, base, base_folder, rater, settings, seed) \
+        if "judge_filter" in settings.methods else {}
     jobs = [
-        dict(base_folder=base_folder, dataset=flipped_sets[rate], method=method, flip_rate=rate, settings=settings,
+        dict(base_folder=base_folder, dataset=judged_sets[rate] if method == "judge_filter" else flipped_sets[rate],
+             method=method, flip_rate=rate, settings=settings,
              seed=seed, work_dir=work_dir, evaluation=evaluation, save_visits=visits_dir is not None)
         for rate, method in runs_for(settings)
     ]
@@ -143,6 +146,18 @@ def run_seed(seed: int, settings: BenchmarkSettings, base, base_folder: str, rat
     result["samples"] = samples
     result["eval_digits"] = evaluation["digits"]
     return result
+
+
+def judged_pair_sets(flipped_sets: dict, base, base_folder: str, rater, settings: BenchmarkSettings, seed: int) -> dict:
+    """The `judge_filter` runs' data: each flip rate's pairs with a judge's scores (`add_judge_scores`, as a user
+    adds a reward model's), the judge fitted to separate pairs of the same rater (judge.py; its pairs are sampled once
+    and cached beside the base model), one judge per seed for every flip rate."""
+    from ...data import add_judge_scores
+    from .judge import fit_judge, judge_pairs
+
+    pairs = judge_pairs(base, base_folder, rater, settings)
+    judge = fit_judge(pairs, settings.judge_flip_rate, seed=seed)
+    return {rate: add_judge_scores(dataset, judge, batch_size=256, progress=False) for rate, dataset in flipped_sets.items()}
 
 
 def run_one(job: dict) -> dict:

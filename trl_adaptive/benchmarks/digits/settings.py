@@ -51,6 +51,11 @@ class BenchmarkSettings:
     #: style rater").
     style_target: float = 0.0
     style_width: float = 0.5
+    #: The `judge_filter` method's judge (judge.py): a reward model fitted to this many separate pair sets (seeds 200..,
+    #: about 470 pairs each) of the same rater, with this share of their labels flipped (0: the rater's own labels,
+    #: the majority preference, as a reward model fitted to many raters learns it).
+    judge_seeds: int = 16
+    judge_flip_rate: float = 0.0
     #: (flipped, clean) shares that the drop diagnostics remove from the filter's warm-up on (`--drop-shares`); None:
     #: MATCHED_DROP_SHARES, the shares the minority filter dropped at beta 2500.
     drop_shares: tuple[float, float] | None = None
