@@ -114,6 +114,36 @@ def test_train_full_with_eval_split(tmp_path, tiny_pipeline_dir, saved_pairs):
         torch.testing.assert_close(tensor, trained[name])
 
 
+def test_train_scores_the_pairs_with_a_named_judge(tmp_path, tiny_pipeline_dir, saved_pairs):
+    """`--judge_scorer pickscore --judge_scorer_path DIR` scores the (flipped) pairs into the column that
+    `--minority_evidence judge` reads; a tiny random PickScore, so its judgement is arbitrary but its scores are
+    those the scorer gives."""
+    from datasets import load_from_disk
+
+    from trl_adaptive.data import decode_image
+    from trl_adaptive.evaluation import load_scorer
+    from trl_adaptive.tiny import tiny_clip_scorer
+
+    scorer_dir = tiny_clip_scorer(str(tmp_path / "pickscore"))
+    values = base_config(tmp_path / "out", tiny_pipeline_dir, saved_pairs, max_steps=2, adaptive=False,
+                         minority_filter="threshold", minority_evidence="judge", minority_filter_min_visits=1,
+                         minority_filter_min_agreement=0.0)
+    trainer = cli.train(["--config", write_yaml(tmp_path / "run.yaml", values), "--judge_scorer", "pickscore",
+                         "--judge_scorer_path", scorer_dir, "--flip_rate", "0.25"])
+    scores = trainer.train_dataset["judge_scores"]
+    assert len(scores) == 8 and all(len(pair) == 2 for pair in scores)
+    row = trainer.train_dataset[0]
+    source = load_from_disk(saved_pairs)["train"][0]
+    images = [decode_image(source[column], 0, column) for column in ("jpg_0", "jpg_1")]
+    expected = load_scorer("pickscore", scorer_dir).score(images, [row["caption"]] * 2)
+    # row 0 is unflipped or flipped; Pick-a-Pic flips change the label, not the images, so the scores are the same
+    assert scores[0] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert any("minority/kept_fraction" in entry for entry in trainer.state.log_history)
+    # Without the scores, the judge evidence is refused before training, naming the column.
+    with pytest.raises(ValueError, match="judge_scores"):
+        cli.train(["--config", write_yaml(tmp_path / "run.yaml", values)])
+
+
 def test_bad_split_is_named(tmp_path, tiny_pipeline_dir, saved_pairs):
     values = base_config(tmp_path, tiny_pipeline_dir, saved_pairs, dataset_train_split="test")
     with pytest.raises(ValueError, match="'test'.*\\['train', 'validation'\\]"):

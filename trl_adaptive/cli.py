@@ -65,6 +65,19 @@ class DatasetArguments:
         metadata={"help": "Flip this share of the training labels (synthetic minority, as in the Adaptive-DPO paper)."},
     )
     flip_seed: int | None = field(default=None, metadata={"help": "Seed of the label flips. Default: --seed."})
+    judge_scorer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Score both images of every training pair with this reward model before training (a scorer of "
+            "trl-adaptive evaluate: pickscore, hpsv2, hpsv2.1, imagereward, aesthetic, clip) into the judge_scores "
+            "column that --minority_evidence judge reads; after --flip_rate, so the scores follow their images. Each "
+            "process scores the data itself (a stream as it is read): for large datasets, score once with "
+            "trl_adaptive.data.add_judge_scores and save_to_disk."
+        },
+    )
+    judge_scorer_path: str | None = field(
+        default=None, metadata={"help": "Folder or Hub id of --judge_scorer's weights. Default: the scorer's own."}
+    )
 
 
 def make_train_parser():
@@ -116,6 +129,12 @@ def train(argv: list[str]):
     if data_args.flip_rate > 0:
         seed = data_args.flip_seed if data_args.flip_seed is not None else config.seed
         train_dataset = flip_labels(train_dataset, data_args.flip_rate, seed)
+    if data_args.judge_scorer:
+        from .data import add_judge_scores
+        from .evaluation import load_scorer
+
+        judge = load_scorer(data_args.judge_scorer, data_args.judge_scorer_path, device=config.device)
+        train_dataset = add_judge_scores(train_dataset, judge, progress=not config.disable_tqdm)
     eval_dataset = None
     if data_args.dataset_test_split:
         eval_dataset = load_preference_data(data_args.dataset_name, data_args.dataset_config, data_args.dataset_test_split)

@@ -293,7 +293,9 @@ class AdaptiveDPOConfig(TrainingArguments):
                   "0.5 drops the pairs the model ranks against their label on most of their recent votes. With "
                   "`prompt_contrast` evidence use 0.6 (the reference contradicts the pair on more than three votes in "
                   "five): on the digits benchmark it dropped about half as many clean pairs as 0.5 and closed as much "
-                  "of the gap with flipped labels (docs/minority_filter.md)."},
+                  "of the gap with flipped labels. With `judge` evidence use 0.55 (the judge prefers the labelled loser "
+                  "by more than a fifth of its typical margin): 0.5 dropped every clean pair the judge got wrong, 6-11 "
+                  "in 100 on the digits benchmark (docs/minority_filter.md)."},
     )
     minority_filter_max_fraction: float = field(
         default=0.3,

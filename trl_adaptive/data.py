@@ -8,6 +8,9 @@ Three schemas are accepted (detected from the column names):
 * ``hpdv2`` (HPDv2 train): ``prompt``, a two-image column (``image``, ``images`` or ``file_path``) and
   ``human_preference``, a pair of labels where 1 marks the preferred image.
 
+Any schema may carry ``judge_scores``, a reward model's scores of the row's two images (`add_judge_scores`), which the
+minority filter's ``judge`` evidence reads.
+
 The dataset is never rewritten: ties are removed with an index mapping and each row's winner is decided in the
 collator, so preparing Pick-a-Pic (hundreds of GB) costs one pass over its label column.
 

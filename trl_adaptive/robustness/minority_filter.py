@@ -355,7 +355,8 @@ class MinorityFilter(RobustnessMethod):
         measured = (
             "On the digits benchmark it agreed on 71-75% with clean prompt-fidelity labels (57-61% at 30% flips) and on "
             "47-57% with a style rater's labels" if self.args.minority_evidence == "prompt_contrast" else
-            "A judge that knows the raters' preference agrees with far more (digits benchmark: 65-89%)"
+            "On the digits benchmark a judge fitted to other pairs of the same raters agreed on 86-92% with clean "
+            "style labels (63-68% at 30% flips)"
         )
         warnings.warn(
             f"minority_evidence={self.args.minority_evidence!r}: {judge} agreed with the labels on "

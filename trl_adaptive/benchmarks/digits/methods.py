@@ -74,14 +74,16 @@ CONTRAST_FILTER_OVERRIDES: dict = {
     "minority_filter_warmup_steps": 0,
 }
 #: The minority filter judging by a reward model's scores of the pair's images (`minority_evidence="judge"`; the
-#: judge is fitted on separate pairs of the same raters, judge.py). Fixed a priori, not searched: drop the pairs the
-#: judge finds against their label (evidence above one half), judged from their first visit, after the check has
-#: counted 512 votes (about one epoch of the demo's pairs, whose votes repeat on later visits); no cap on the share
-#: dropped, as the check has vouched for the judge (a cap binds on its own evidence only by chance).
+#: judge is fitted on separate pairs of the same raters, judge.py). Pairs are judged from their first visit, after
+#: the check has counted 512 votes (about one epoch of the demo's pairs, whose votes repeat on later visits), with no
+#: cap on the share dropped (the check has vouched for the judge). Threshold 0.55 (the judge prefers the labelled
+#: loser by more than 0.2 of its typical margin), chosen on validation seeds 100-103 over 0.5 and 0.6: at 0.5 it
+#: dropped 8-11 percent of the clean pairs and cost 0.23 of the style reward on clean data (docs/results.md, "A judge
+#: you bring").
 JUDGE_FILTER_OVERRIDES: dict = {
     "adaptive": False,
     "minority_filter": "threshold",
-    "minority_filter_threshold": 0.5,
+    "minority_filter_threshold": 0.55,
     "minority_filter_max_fraction": 1.0,
     "minority_evidence": "judge",
     "minority_evidence_decay": 0.0,
