@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from trl_adaptive.benchmarks.digits.judge import bradley_terry_margin, fit_bradley_terry, grey_pixels
+from trl_adaptive.benchmarks.digits.judge import bradley_terry_margin, fit_bradley_terry, grey_pixels, prompt_one_hot
 
 
 def cross_fitted_margins(winners: torch.Tensor, losers: torch.Tensor, context: torch.Tensor, folds: int = 5,
@@ -81,8 +81,7 @@ def pair_features(dataset, features: str = "pixels", base=None) -> tuple[torch.T
     image's mean grey level alone: the quantity the style rater scores; a diagnostic of what a judge with the right
     representation could do, not a judge a user has)."""
     prompts = list(dataset["prompt"])
-    index = {p: k for k, p in enumerate(sorted(set(prompts)))}
-    context = torch.nn.functional.one_hot(torch.tensor([index[p] for p in prompts]), len(index)).float()
+    context = prompt_one_hot(prompts, {p: k for k, p in enumerate(sorted(set(prompts)))})
     if features == "unet":
         return (*reference_features(base, dataset), context)
     winners, losers = grey_pixels(dataset["chosen"]), grey_pixels(dataset["rejected"])

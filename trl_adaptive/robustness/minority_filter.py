@@ -257,7 +257,9 @@ class MinorityFilter(RobustnessMethod):
             margins = step.inputs["judge_margin"].to(step.logits.device).float()
             valid = torch.isfinite(margins) & (margins != 0)  # the judge abstains on NaN, and a tie says nothing
             margins = torch.where(valid, margins, 0.0)
-            mean_square = self.batch.mean(margins.pow(2)) / self.batch.mean(valid.float()).clamp_min(1e-12)
+            # The mean square over the valid margins of the global batch, from one reduction of both sums.
+            square_sum, valid_share = self.batch.mean(torch.stack([margins.pow(2), valid.float()]))
+            mean_square = square_sum / valid_share.clamp_min(1e-12)
             return [torch.where(valid, judge_evidence(margins, mean_square.sqrt()), 0.0)], [valid]
         min_noise = args.minority_evidence_min_noise
         contrast = args.minority_evidence == "prompt_contrast"

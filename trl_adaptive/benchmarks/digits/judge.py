@@ -23,8 +23,6 @@ from .settings import BenchmarkSettings
 
 #: First seed of the judge's pair sets (`BenchmarkSettings.judge_seeds` of them, about 470 pairs each).
 FIRST_JUDGE_SEED = 200
-#: The judge's fit: learned_judge.py's settings (docs/results.md, "A judge learned from the labels"), not searched.
-JUDGE_FIT = {"hidden": 32, "weight_decay": 1e-3, "steps": 300}
 
 
 def fit_bradley_terry(winners: torch.Tensor, losers: torch.Tensor, context: torch.Tensor, hidden: int = 32,
@@ -50,6 +48,14 @@ def bradley_terry_margin(net: torch.nn.Module, winners: torch.Tensor, losers: to
     return net(torch.cat([winners, context], 1)) - net(torch.cat([losers, context], 1))
 
 
+def prompt_one_hot(prompts: list[str], prompt_index: dict[str, int]) -> torch.Tensor:
+    """One-hot rows of each prompt's position in `prompt_index` (the judge's context input)."""
+    unknown = sorted(set(prompts) - set(prompt_index))
+    if unknown:
+        raise ValueError(f"PairJudge was fitted without the prompts {unknown}")
+    return torch.nn.functional.one_hot(torch.tensor([prompt_index[p] for p in prompts]), len(prompt_index)).float()
+
+
 def grey_pixels(images) -> torch.Tensor:
     """PIL images as rows of grey levels in [0, 1]."""
     return torch.tensor(np.stack([np.asarray(i.convert("L"), dtype=np.float32).reshape(-1) / 255.0 for i in images]))
@@ -64,11 +70,7 @@ class PairJudge:
         self.net, self.prompt_index = net.eval(), {p: k for k, p in enumerate(prompts)}
 
     def context(self, prompts: list[str]) -> torch.Tensor:
-        unknown = sorted(set(prompts) - set(self.prompt_index))
-        if unknown:
-            raise ValueError(f"PairJudge was fitted without the prompts {unknown}")
-        index = torch.tensor([self.prompt_index[p] for p in prompts])
-        return torch.nn.functional.one_hot(index, len(self.prompt_index)).float()
+        return prompt_one_hot(prompts, self.prompt_index)
 
     @torch.no_grad()
     def score(self, images, prompts: list[str]) -> torch.Tensor:
@@ -91,9 +93,9 @@ def judge_pairs(base, base_folder: str, rater, settings: BenchmarkSettings) -> d
     key = hashlib.sha1(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_folder, f"judge-pairs-{settings.rater}-{key}.npz")
     if os.path.isfile(path):
-        saved = np.load(path)
-        return {"winners": torch.from_numpy(saved["winners"]), "losers": torch.from_numpy(saved["losers"]),
-                "prompts": [str(p) for p in saved["prompts"]]}
+        with np.load(path) as saved:
+            return {"winners": torch.from_numpy(saved["winners"]), "losers": torch.from_numpy(saved["losers"]),
+                    "prompts": [str(p) for p in saved["prompts"]]}
     winners, losers, prompts = [], [], []
     for seed in seeds:
         pairs, _ = build_pairs(base, rater, settings, seed)
@@ -108,12 +110,12 @@ def judge_pairs(base, base_folder: str, rater, settings: BenchmarkSettings) -> d
     return result
 
 
-def fit_judge(pairs: dict, flip_rate: float, seed: int = 0, fit: dict | None = None) -> PairJudge:
-    """The judge fitted to `pairs` (`judge_pairs`) with `flip_rate` of their labels flipped at random (`seed`)."""
+def fit_judge(pairs: dict, flip_rate: float, seed: int = 0, **fit_options) -> PairJudge:
+    """The judge fitted to `pairs` (`judge_pairs`) with `flip_rate` of their labels flipped at random (`seed`), by
+    `fit_bradley_terry` at its defaults, learned_judge.py's settings (not searched), unless `fit_options` say else."""
     winners, losers = pairs["winners"].clone(), pairs["losers"].clone()
     flip = torch.from_numpy(np.random.default_rng(seed).random(len(winners)) < flip_rate)
     winners[flip], losers[flip] = pairs["losers"][flip], pairs["winners"][flip]
     prompts = sorted(set(pairs["prompts"]))
-    judge = PairJudge(torch.nn.Identity(), prompts)
-    net = fit_bradley_terry(winners, losers, judge.context(pairs["prompts"]), seed=seed, **(fit or JUDGE_FIT))
-    return PairJudge(net, prompts)
+    context = prompt_one_hot(pairs["prompts"], {p: k for k, p in enumerate(prompts)})
+    return PairJudge(fit_bradley_terry(winners, losers, context, seed=seed, **fit_options), prompts)
