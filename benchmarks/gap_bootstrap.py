@@ -5,7 +5,7 @@ run, so a rerun of some methods can be laid over an older report), keeps the see
 prints for each method and flip rate the share of the DPO-to-oracle gap it closes, as the ratio of seed means
 ((method - DPO) / (oracle - DPO) of the mean gains, the figure docs/results.md reports), with a 95% percentile
 bootstrap interval from resampling whole seeds; beside it the gain minus Diffusion-DPO's (at every flip rate, the
-figure at 0% flips) with its interval and the worst seed.
+figure at 0% flips) with its interval, the worst seed and how many seeds ended below Diffusion-DPO.
 
     python benchmarks/gap_bootstrap.py docs/results/results.json docs/results/extra-seeds/results.json
 """
@@ -47,8 +47,8 @@ def main(argv=None):
     runs = load_runs(args.results)
     rng = np.random.default_rng(args.seed)
     print("| method | flips | seeds | gap closed (ratio of seed means) | 95% bootstrap interval | gain - DPO's | "
-          "95% bootstrap interval | worst seed: gain - DPO's |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "95% bootstrap interval | worst seed: gain - DPO's | seeds below DPO |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method in args.methods:
         for rate in (0.0, 0.1, 0.2, 0.3):
             reference = "dpo" if rate == 0.0 else "oracle"
@@ -67,7 +67,8 @@ def main(argv=None):
             difference = estimate(gain_over_dpo)
             differences = table[:, 0] - table[:, 1]
             worst = f"{differences.min():+.4f} (seed {seeds[int(differences.argmin())]})"
-            columns = f"{difference[0]:+.4f} | [{difference[1]:+.4f}, {difference[2]:+.4f}] | {worst}"
+            below = f"{int((differences < 0).sum())} of {len(seeds)}"
+            columns = f"{difference[0]:+.4f} | [{difference[1]:+.4f}, {difference[2]:+.4f}] | {worst} | {below}"
             if rate == 0.0:  # no gap without flips
                 print(f"| {method} | 0% | {len(seeds)} | - | - | {columns} |")
             else:

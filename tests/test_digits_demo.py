@@ -289,3 +289,19 @@ def test_quick_style_demo_reports_fidelity_beside_the_style_reward(tmp_path):
         fidelity = run["other_rewards"]["digit_rater"]
         assert 0.0 <= fidelity["tuned"] <= 1.0 and 0.0 <= fidelity["base"] <= 1.0, key
     assert "digit_rater" in (out / "results.md").read_text()
+
+
+def test_judge_random_drops_at_the_judge_filters_shares_from_its_decision():
+    from trl_adaptive.benchmarks.digits.methods import JUDGE_MATCHED_DROP_SHARES, diagnostic_drops
+
+    settings = digits.BenchmarkSettings(rater="style", methods=("dpo", "judge_random", "oracle"))
+    # The judge filter starts dropping once its check has counted 512 votes: after 16 steps of 32 pairs.
+    assert diagnostic_drops("judge_random", 0.2, settings) == (16, JUDGE_MATCHED_DROP_SHARES["style"][0.2])
+    settings.train_batch = 30
+    assert diagnostic_drops("judge_random", 0.0, settings)[0] == 18  # the step whose votes reach 512 (ceil)
+    settings.drop_shares = (0.5, 0.1)
+    assert diagnostic_drops("judge_random", 0.0, settings)[1] == (0.5, 0.1)
+    # The other truth diagnostics start after the minority filter's warm-up, a third of the steps.
+    assert diagnostic_drops("oracle_late", 0.2, settings) == (100, (1.0, 0.0))
+    # Unlike the other diagnostics it runs at 0% flips as well: random clean pairs only.
+    assert (0.0, "judge_random") in digits.runs_for(settings) and (0.0, "oracle") not in digits.runs_for(settings)

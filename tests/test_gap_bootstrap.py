@@ -24,9 +24,9 @@ def test_gap_closed_from_overlaid_reports(tmp_path, capsys, benchmark_script):
     # 20%: mean filter 0.07, DPO 0.03, oracle 0.11 -> (0.07 - 0.03) / (0.11 - 0.03) = 50%, over seeds 0 and 1;
     # gain over DPO 0.07 - 0.03 = +0.04, per seed +0.04 and +0.04 (seed 0 first among equals).
     row = next(line for line in lines if line.startswith("| filter | 20% |"))
-    assert row.startswith("| filter | 20% | 2 | 50% |") and row.endswith("| +0.0400 (seed 0) |"), row
+    assert row.startswith("| filter | 20% | 2 | 50% |") and row.endswith("| +0.0400 (seed 0) | 0 of 2 |"), row
     assert "| +0.0400 | [+0.0400, +0.0400] |" in row
     # 0%: mean filter 0.11 - mean DPO 0.12 = -0.01; per seed +0.02 and -0.04: the worst is seed 1.
     row = next(line for line in lines if line.startswith("| filter | 0% |"))
-    assert row.startswith("| filter | 0% | 2 | - | - | -0.0100 | [") and row.endswith("| -0.0400 (seed 1) |"), row
+    assert row.startswith("| filter | 0% | 2 | - | - | -0.0100 | [") and row.endswith("| -0.0400 (seed 1) | 1 of 2 |"), row
     assert not any("| filter | 30% |" in line for line in lines)

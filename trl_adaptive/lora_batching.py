@@ -20,6 +20,7 @@ docs/performance.md. Batching is used with LoRA when `AdaptiveDPOConfig.batch_fr
 from __future__ import annotations
 
 import copy
+import warnings
 from functools import partial
 
 import torch
@@ -87,8 +88,10 @@ class LoraFrozenForwards:
 
     def _add_annotator_adapters(self, denoiser, annotators, peft_config, trained_adapter: str) -> None:
         trainable = {name for name, p in denoiser.named_parameters() if p.requires_grad}
-        for name in self.adapter_names:
-            denoiser.add_adapter(copy.deepcopy(peft_config), adapter_name=name)
+        with warnings.catch_warnings():  # peft warns of "multiple adapters in the model": here that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            for name in self.adapter_names:
+                denoiser.add_adapter(copy.deepcopy(peft_config), adapter_name=name)
         denoiser.set_adapter(trained_adapter)  # only the trained adapter takes part in ordinary forwards
         params = dict(denoiser.named_parameters())
         for name, param in params.items():

@@ -57,6 +57,11 @@ class AdaptiveDPO(RobustnessMethod):
     def __init__(self, args, num_rows, batch, forwards=None, history_decay: float = 0.0):
         super().__init__(args, num_rows, batch, forwards)
         self.annotators = None  # created in setup, once the ZeRO stage is known
+        # Until the first optimizer step the EMA annotators are copies of the policy: every pair's spread across
+        # annotators is 0, so u is 0 exactly. It is set, not computed: the policy's logits come from another forward
+        # than the annotators' (with gradient, another batch size), and at step 0 they are rounding error (~1e-7),
+        # which the RMS normalisation scales up to an arbitrary score (0.14 and weights 0.42 on the tiny pipeline).
+        self.annotators_equal_policy = True
         # Each pair's mean u over its scored visits: the amortised steps' scores (and the minority filter's `score`
         # evidence, which then sets `history_decay`).
         self.history = PairHistory(num_rows, decay=history_decay, growable=num_rows == 0) if num_rows is not None else None
@@ -83,6 +88,11 @@ class AdaptiveDPO(RobustnessMethod):
         args = self.args
         if annotator_logits.shape[0] == 1 and self.annotators is not None:  # amortised step between refreshes
             return self.history.mean(rows).to(annotator_logits.device)
+        if self.annotators is not None and self.annotators_equal_policy:
+            u = torch.zeros_like(annotator_logits[0], dtype=torch.float32)
+            if training and self.history is not None:
+                self.history.record(self.batch.gather(rows), self.batch.gather(u))
+            return u
         normalizers = None
         if args.metric_normalize == "rms":
             # Floored: while the annotators still equal the policy (step 0) every logit is float rounding (~1e-8), and
@@ -118,6 +128,7 @@ class AdaptiveDPO(RobustnessMethod):
                                 "minority/score_flipped", "minority/score_clean")
 
     def on_optimizer_step(self, model) -> None:
+        self.annotators_equal_policy = False
         if self.annotators is not None:
             self.forwards.bound_annotators().update(model)
 
@@ -129,6 +140,7 @@ class AdaptiveDPO(RobustnessMethod):
             self.history.save(folder)
 
     def load(self, folder: str) -> None:
+        self.annotators_equal_policy = False  # a checkpoint is saved after optimizer steps
         if self.annotators is not None:
             self.forwards.bound_annotators().load(folder)
         if self.history is not None:

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 #: Diagnostic methods (not in the default grid): Diffusion-DPO whose pairs are dropped by their true labels.
-DIAGNOSTIC_METHODS = ("oracle_late", "matched_random", "chosen_flipped", "chosen_clean", "chosen_both")
+DIAGNOSTIC_METHODS = ("oracle_late", "matched_random", "judge_random", "chosen_flipped", "chosen_clean", "chosen_both")
 #: The diagnostics that choose dropped pairs by the minority filter's evidence: the groups in which they choose.
 EVIDENCE_CHOSEN_GROUPS = {"chosen_flipped": ("flipped",), "chosen_clean": ("clean",), "chosen_both": ("flipped", "clean")}
 
@@ -111,6 +111,10 @@ METHOD_LABELS = {
     # Diagnostic: from the same step, drop a fixed random subset of the flipped pairs and of the clean pairs, by default
     # at the shares the minority filter dropped (MATCHED_DROP_SHARES): the filter's counts, without its choice of pairs.
     "matched_random": "random flipped and clean pairs dropped (diagnostic)",
+    # Diagnostic: the judge filter's counts without its choice: from the judge check's decision on, drop a fixed random
+    # subset of the flipped and of the clean pairs at the shares the judge filter dropped (JUDGE_MATCHED_DROP_SHARES).
+    # Run at 0% flips too, where it measures what leaving out a few random clean pairs alone does to a run.
+    "judge_random": "random pairs dropped at the judge filter's shares (diagnostic)",
     # Diagnostics that split the filter's choice in two (docs/results.md, tenth round): from the same step, drop the
     # flipped pairs with the highest minority evidence and random clean pairs, random flipped pairs and the clean
     # pairs with the highest evidence, or both by evidence (shares: --drop-shares). Which choice costs the reward?
@@ -123,14 +127,30 @@ SAMPLED_METHODS = ("dpo", "adaptive", "filter", "contrast_filter")
 #: Shares of flipped / clean pairs the minority filter dropped after its warm-up, per flip rate (mean of the reported
 #: seeds 0-2 at commit 1e5822d, beta 2500, docs/results.md), used by the `matched_random` diagnostic.
 MATCHED_DROP_SHARES = {0.1: (0.78, 0.24), 0.2: (0.62, 0.22), 0.3: (0.54, 0.20)}
+#: Shares of flipped / clean pairs the judge filter dropped after its judge check decided, per rater and flip rate
+#: (mean of the reported seeds 0-6 at commit 751b77f, docs/results/judge-filter/*-s0-6), used by `judge_random`.
+JUDGE_MATCHED_DROP_SHARES = {
+    "style": {0.0: (0.0, 0.028), 0.1: (0.64, 0.026), 0.2: (0.68, 0.029), 0.3: (0.67, 0.030)},
+    "fidelity": {0.0: (0.0, 0.025), 0.1: (0.79, 0.024), 0.2: (0.81, 0.025), 0.3: (0.80, 0.024)},
+}
+
+
+def diagnostic_drops(method: str, flip_rate: float, settings: BenchmarkSettings) -> tuple[int, tuple[float, float]]:
+    """(first step, (flipped share, clean share)) of a truth diagnostic's drops; `--drop-shares` overrides the shares."""
+    if method == "judge_random":  # from the step where the judge check has counted its votes and the filter starts
+        votes = JUDGE_FILTER_OVERRIDES["minority_filter_agreement_votes"]
+        return -(-votes // settings.train_batch), settings.drop_shares or JUDGE_MATCHED_DROP_SHARES[settings.rater][flip_rate]
+    shares = (1.0, 0.0) if method == "oracle_late" else settings.drop_shares or MATCHED_DROP_SHARES[flip_rate]
+    return int(FILTER_WARMUP_SHARE * settings.train_steps), shares
 
 
 def runs_for(settings: BenchmarkSettings) -> list[tuple[float, str]]:
-    """(flip rate, method) runs of the grid; at 0% flips cDPO and the oracle are Diffusion-DPO and are not rerun."""
+    """(flip rate, method) runs of the grid; at 0% flips cDPO, the oracle and the truth diagnostics other than
+    `judge_random` are Diffusion-DPO and are not rerun."""
     runs = []
     for rate in settings.flip_rates:
         for method in settings.methods:
-            if rate == 0.0 and method in ("cdpo", "oracle", *DIAGNOSTIC_METHODS):
+            if rate == 0.0 and method in ("cdpo", "oracle", *DIAGNOSTIC_METHODS) and method != "judge_random":
                 continue
             runs.append((rate, method))
     return runs

@@ -18,10 +18,9 @@ from .evaluation import compare_to_base, evaluation_set, sample_unet
 from .methods import (
     DIAGNOSTIC_METHODS,
     EVIDENCE_CHOSEN_GROUPS,
-    FILTER_WARMUP_SHARE,
-    MATCHED_DROP_SHARES,
     METHOD_LABELS,
     SAMPLED_METHODS,
+    diagnostic_drops,
     method_config,
     runs_for,
 )
@@ -55,9 +54,7 @@ def train_method(base_folder: str, dataset, method: str, flip_rate: float, setti
         pipeline.unet.load_state_dict(init_unet.state_dict())
     diagnostic = {}
     if method in DIAGNOSTIC_METHODS:
-        diagnostic["truth_filter_from"] = int(FILTER_WARMUP_SHARE * settings.train_steps)
-        diagnostic["truth_drop_shares"] = (
-            (1.0, 0.0) if method == "oracle_late" else settings.drop_shares or MATCHED_DROP_SHARES[flip_rate])
+        diagnostic["truth_filter_from"], diagnostic["truth_drop_shares"] = diagnostic_drops(method, flip_rate, settings)
         diagnostic["evidence_chosen_groups"] = EVIDENCE_CHOSEN_GROUPS.get(method, ())
     trainer = _recording_trainer_class()(model=pipeline, ref_model=reference, args=args, train_dataset=dataset,
                                          callbacks=callbacks, **diagnostic)
