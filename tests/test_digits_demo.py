@@ -34,6 +34,9 @@ def test_quick_demo_writes_complete_outputs(tmp_path):
     for name in ("results.md", "results.json", "reward_vs_flip_rate.png", "flipped_share_by_u_decile.png", "samples.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
+    import torch
+
+    assert saved["machine"]["packages"]["torch"] == torch.__version__  # which releases' rounding the runs had
     settings = digits.quick_settings()
     expected = {f"{m}@{r}" for r, m in digits.runs_for(settings)}
     assert set(saved["per_seed"][0]["runs"]) == expected

@@ -165,6 +165,23 @@ def merge_reports(args, argv) -> dict:
                         first["base_model"], start, summed_wall=wall)
 
 
+#: The packages whose float rounding a run depends on: the style runs move by 0.1-0.3 when a few pairs change, and
+#: another release of these can change the rounding (docs/results.md), so a report says which it ran on.
+RECORDED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "scikit-learn")
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def write_report(args, argv, settings, seeds, seed_results, rater_accuracy, base_folder, start, summed_wall=None):
     summary = summarise(seed_results, settings)
     table = markdown_table(summary, settings, len(seeds))
@@ -176,7 +193,7 @@ def write_report(args, argv, settings, seeds, seed_results, rater_accuracy, base
         "filter_overrides": settings.filter_overrides,
         "seeds": seeds,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(), "packages": package_versions()},
         "rater_held_out_accuracy": rater_accuracy,
         "base_model": base_folder,
         "wall_seconds": wall,

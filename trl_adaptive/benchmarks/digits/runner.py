@@ -188,6 +188,7 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # transformers 5's "Loading weights" bar, once per run and worker
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
