@@ -43,8 +43,13 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", default=["filter", "filter_free", "adaptive"])
     parser.add_argument("--resamples", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's own random numbers")
+    parser.add_argument("--per-seed", action="store_true",
+                        help="instead: each seed's gain minus Diffusion-DPO's, per method and flip rate")
     args = parser.parse_args(argv)
     runs = load_runs(args.results)
+    if args.per_seed:
+        print_per_seed(runs, args.methods)
+        return
     rng = np.random.default_rng(args.seed)
     print("| method | flips | seeds | gap closed (ratio of seed means) | 95% bootstrap interval | gain - DPO's | "
           "95% bootstrap interval | worst seed: gain - DPO's | seeds below DPO |")
@@ -74,6 +79,19 @@ def main(argv=None):
             else:
                 point, low, high = estimate(gap_closed)
                 print(f"| {method} | {rate:.0%} | {len(seeds)} | {point:.0%} | [{low:.0%}, {high:.0%}] | {columns} |")
+
+def print_per_seed(runs: dict[int, dict[str, float]], methods: list[str]) -> None:
+    """Gain minus Diffusion-DPO's gain (the same as reward minus Diffusion-DPO's) of every seed that has both runs."""
+    seeds = sorted(runs)
+    print("| method | flips | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in seeds) + " |")
+    for method in methods:
+        for rate in (0.0, 0.1, 0.2, 0.3):
+            cells = [f"{runs[s][f'{method}@{rate}'] - runs[s][f'dpo@{rate}']:+.3f}"
+                     if f"{method}@{rate}" in runs[s] and f"dpo@{rate}" in runs[s] else "-" for s in seeds]
+            if any(c != "-" for c in cells):
+                print(f"| {method} | {rate:.0%} | " + " | ".join(cells) + " |")
+
 
 if __name__ == "__main__":
     main()

@@ -30,3 +30,16 @@ def test_gap_closed_from_overlaid_reports(tmp_path, capsys, benchmark_script):
     row = next(line for line in lines if line.startswith("| filter | 0% |"))
     assert row.startswith("| filter | 0% | 2 | - | - | -0.0100 | [") and row.endswith("| -0.0400 (seed 1) | 1 of 2 |"), row
     assert not any("| filter | 30% |" in line for line in lines)
+
+
+def test_per_seed_differences(tmp_path, capsys, benchmark_script):
+    gap_bootstrap = benchmark_script("gap_bootstrap")
+    report = _report(tmp_path / "a.json", {
+        0: {"dpo@0.2": 0.02, "filter@0.2": 0.06, "dpo@0.0": 0.10},
+        1: {"dpo@0.2": 0.04, "filter@0.2": 0.01, "filter@0.0": 0.3},  # no Diffusion-DPO run at 0%: no cell
+    })
+    gap_bootstrap.main([report, "--methods", "filter", "--per-seed"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| method | flips | seed 0 | seed 1 |"
+    assert "| filter | 20% | +0.040 | -0.030 |" in lines
+    assert not any(line.startswith("| filter | 0% |") for line in lines)

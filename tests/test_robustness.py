@@ -285,3 +285,19 @@ def test_weights_and_margins_are_detached(case):
         assert logits.requires_grad
         for value in (weights, margins):
             assert value is None or not value.requires_grad
+
+
+def test_adaptive_u_is_zero_until_the_first_optimizer_step(tmp_path):
+    # The EMA annotators start as copies of the policy: before the first optimizer step u = 0 for every pair, set
+    # rather than computed (the synthetic logits differ across annotators, as rounding makes real ones differ).
+    model = _policy()
+    methods = _methods(CASES["adaptive"], _LocalAccelerator(), model)
+    (weights0, _, _), (weights1, _, _) = _run(methods, model, range(2))
+    assert torch.equal(weights0, torch.ones_like(weights0))  # u = 0: weight 1 / (k * 0 + c) with c = 1
+    assert not torch.equal(weights1, torch.ones_like(weights1))
+    # A run resumed from a checkpoint (saved after optimizer steps) computes u from its first step.
+    methods["adaptive"].save(str(tmp_path), write=True)
+    resumed = _methods(CASES["adaptive"], _LocalAccelerator(), model)["adaptive"]
+    assert resumed.annotators_equal_policy
+    resumed.load(str(tmp_path))
+    assert not resumed.annotators_equal_policy
