@@ -80,6 +80,7 @@ def main(argv=None):
                 point, low, high = estimate(gap_closed)
                 print(f"| {method} | {rate:.0%} | {len(seeds)} | {point:.0%} | [{low:.0%}, {high:.0%}] | {columns} |")
 
+
 def print_per_seed(runs: dict[int, dict[str, float]], methods: list[str]) -> None:
     """Gain minus Diffusion-DPO's gain (the same as reward minus Diffusion-DPO's) of every seed that has both runs."""
     seeds = sorted(runs)

@@ -168,6 +168,7 @@ GIVENS = {
     "docs/minority_filter.md": lambda stand_ins, cwd: _saved(_toy_pairs(), cwd / "my-pairs"),  # "my-pairs": the user's
     "docs/evaluation.md": lambda stand_ins, cwd: _evaluation_givens(stand_ins, cwd),
 }
+#: The names GIVENS defines, for the static checks (which do not build them).
 GIVEN_NAMES = {"README.md": {"pairs"}, "docs/caching.md": {"model", "dataset", "lora"}}
 
 HUB_MODELS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd", "black-forest-labs/FLUX.1-dev": "flux"}
@@ -322,7 +323,9 @@ def run_file(name: str, stand_ins: dict[str, str], cwd: Path) -> dict:
         return real_load_dataset(path, *args, split=split, **kwargs)
 
     namespace: dict = {"__name__": "__main__"}
-    namespace.update(GIVENS.get(name, lambda s, c: {})(stand_ins, cwd) or {})
+    given = GIVENS.get(name, lambda s, c: {})(stand_ins, cwd) or {}
+    assert set(given) == GIVEN_NAMES.get(name, set()), "GIVEN_NAMES (the static checks' view) must match GIVENS"
+    namespace.update(given)
     with mock.patch.object(AdaptiveDPOConfig, "__post_init__", small), \
             mock.patch("datasets.load_dataset", load_dataset), \
             mock.patch.dict(scorers.DEFAULT_PATHS, {"pickscore": stand_ins["clip"], "clip": stand_ins["clip"]}), \

@@ -297,7 +297,7 @@ def test_adaptive_u_is_zero_until_the_first_optimizer_step(tmp_path):
     assert not torch.equal(weights1, torch.ones_like(weights1))
     # A run resumed from a checkpoint (saved after optimizer steps) computes u from its first step.
     methods["adaptive"].save(str(tmp_path), write=True)
-    resumed = _methods(CASES["adaptive"], _LocalAccelerator(), model)["adaptive"]
-    assert resumed.annotators_equal_policy
-    resumed.load(str(tmp_path))
-    assert not resumed.annotators_equal_policy
+    resumed = _methods(CASES["adaptive"], _LocalAccelerator(), model)
+    resumed["adaptive"].load(str(tmp_path))
+    ((weights2, _, _),) = _run(resumed, model, range(2, 3))
+    assert not torch.equal(weights2, torch.ones_like(weights2))

@@ -57,11 +57,6 @@ class AdaptiveDPO(RobustnessMethod):
     def __init__(self, args, num_rows, batch, forwards=None, history_decay: float = 0.0):
         super().__init__(args, num_rows, batch, forwards)
         self.annotators = None  # created in setup, once the ZeRO stage is known
-        # Until the first optimizer step the EMA annotators are copies of the policy: every pair's spread across
-        # annotators is 0, so u is 0 exactly. It is set, not computed: the policy's logits come from another forward
-        # than the annotators' (with gradient, another batch size), and at step 0 they are rounding error (~1e-7),
-        # which the RMS normalisation scales up to an arbitrary score (0.14 and weights 0.42 on the tiny pipeline).
-        self.annotators_equal_policy = True
         # Each pair's mean u over its scored visits: the amortised steps' scores (and the minority filter's `score`
         # evidence, which then sets `history_decay`).
         self.history = PairHistory(num_rows, decay=history_decay, growable=num_rows == 0) if num_rows is not None else None
@@ -82,23 +77,25 @@ class AdaptiveDPO(RobustnessMethod):
             return False
         return not training or global_step % self.args.annotator_interval == 0
 
-    def scores(self, annotator_logits: torch.Tensor, rows: torch.Tensor, training: bool) -> torch.Tensor:
+    def scores(self, annotator_logits: torch.Tensor, rows: torch.Tensor, training: bool,
+               global_step: int) -> torch.Tensor:
         """The metric u per pair: exact from the annotators' logits (K, B), or (amortised steps, K = 1) the pairs'
         means from the history. Training scores are recorded in the history."""
         args = self.args
         if annotator_logits.shape[0] == 1 and self.annotators is not None:  # amortised step between refreshes
             return self.history.mean(rows).to(annotator_logits.device)
-        if self.annotators is not None and self.annotators_equal_policy:
+        if self.annotators is not None and global_step == 0:
+            # Before the first optimizer step the EMA annotators are copies of the policy: every pair's spread across
+            # annotators is 0, so u is 0 exactly. Set, not computed: the policy's logits come from another forward
+            # than the annotators' (with gradient, another batch size) and are rounding error here (~1e-7), which the
+            # RMS normalisation scales up to an arbitrary score (0.14 and weights 0.42 on the tiny pipeline).
             u = torch.zeros_like(annotator_logits[0], dtype=torch.float32)
-            if training and self.history is not None:
-                self.history.record(self.batch.gather(rows), self.batch.gather(u))
-            return u
-        normalizers = None
-        if args.metric_normalize == "rms":
-            # Floored: while the annotators still equal the policy (step 0) every logit is float rounding (~1e-8), and
-            # dividing by its RMS would blow that noise up to an O(1), arbitrary score.
-            normalizers = self.batch.mean(annotator_logits.pow(2)).sqrt().clamp_min(RMS_NORMALIZER_FLOOR)
-        u = minority_score(annotator_logits, args.metric_rho, normalizers)
+        else:
+            normalizers = None
+            if args.metric_normalize == "rms":
+                # Floored, for logits at rounding level (~1e-8) whose RMS would blow that noise up to an O(1) score.
+                normalizers = self.batch.mean(annotator_logits.pow(2)).sqrt().clamp_min(RMS_NORMALIZER_FLOOR)
+            u = minority_score(annotator_logits, args.metric_rho, normalizers)
         if training and self.history is not None:
             self.history.record(self.batch.gather(rows), self.batch.gather(u))
         return u
@@ -107,7 +104,8 @@ class AdaptiveDPO(RobustnessMethod):
         if not self.active(step.global_step):
             return None
         args = self.args
-        u = self.scores(torch.stack([x.detach() for x in step.outputs["logits"]]), step.rows, step.training)
+        u = self.scores(torch.stack([x.detach() for x in step.outputs["logits"]]), step.rows, step.training,
+                        step.global_step)
         weights = minority_weights(u, args.weight_fn, args.weight_scale, args.weight_intercept)
         mean_logit = self.batch.mean(step.logits) if args.margin != "none" else 0.0
         margins = adaptive_margin(u, args.margin, mean_logit, args.effective_margin_scale)
@@ -128,7 +126,6 @@ class AdaptiveDPO(RobustnessMethod):
                                 "minority/score_flipped", "minority/score_clean")
 
     def on_optimizer_step(self, model) -> None:
-        self.annotators_equal_policy = False
         if self.annotators is not None:
             self.forwards.bound_annotators().update(model)
 
@@ -140,7 +137,6 @@ class AdaptiveDPO(RobustnessMethod):
             self.history.save(folder)
 
     def load(self, folder: str) -> None:
-        self.annotators_equal_policy = False  # a checkpoint is saved after optimizer steps
         if self.annotators is not None:
             self.forwards.bound_annotators().load(folder)
         if self.history is not None:
