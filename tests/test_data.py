@@ -375,6 +375,26 @@ def test_judge_scores_follow_the_images_and_the_margin_the_label():
     assert torch.isnan(collate(abstains)["judge_margin"][0])
 
 
+def test_judge_label_agreement_counts_decided_pairs_by_hand():
+    from trl_adaptive.data import JUDGE_SCORES_COLUMN, add_judge_scores, judge_label_agreement
+
+    # The judge prefers white (jpg_0) on every row: label_0 = 1 agrees, 0 disagrees, 0.5 is a tie and does not count.
+    scored = add_judge_scores(pickapic([1, 0, 1, 1, 0.5]), BrightnessJudge(), progress=False)
+    assert judge_label_agreement(scored) == {"agreement": 0.75, "pairs": 4, "abstained": 0}
+    # A judge that abstains (None) or scores both images alike casts no vote.
+    votes = [None, [0.3, 0.3], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+    mixed = scored.remove_columns(JUDGE_SCORES_COLUMN).add_column(JUDGE_SCORES_COLUMN, votes)
+    assert judge_label_agreement(mixed) == {"agreement": 0.5, "pairs": 2, "abstained": 2}
+    # TRL schema: flipped rows swap their images and scores, so the judge agrees exactly with the unflipped ones.
+    flipped = flip_labels(add_judge_scores(trl_style(6), BrightnessJudge(), progress=False), rate=0.5, seed=1)
+    assert 0 < sum(flipped["flipped"]) < 6
+    assert judge_label_agreement(flipped)["agreement"] == pytest.approx(1 - np.mean(flipped["flipped"]))
+    with pytest.raises(ValueError, match="judge_scores.*add_judge_scores"):
+        judge_label_agreement(pickapic([1, 0]))
+    with pytest.raises(ValueError, match="map-style"):
+        judge_label_agreement(scored.to_iterable_dataset())
+
+
 @pytest.mark.parametrize("bad", [[0.5], [0.1, 0.2, 0.3], [0.1, float("nan")]])
 def test_bad_judge_scores_name_row_and_column(bad):
     from trl_adaptive.data import JUDGE_SCORES_COLUMN

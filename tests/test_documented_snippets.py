@@ -110,6 +110,11 @@ def _expect_usage(namespace, cwd: Path):
     assert "my-org/my-pairs" in upload["card"]
 
 
+def _expect_judge_known(namespace, cwd: Path):
+    assert 0.0 <= namespace["accuracy"] <= 1.0 and 0.0 <= namespace["agreement"] <= 1.0
+    assert namespace["trusted"].column_names.count("judge_scores") == 1
+
+
 def _expect_evaluated(namespace, cwd: Path):
     report = namespace["report"]
     assert set(report["scorers"]) == {"pickscore", "clip"}
@@ -149,6 +154,7 @@ CHECKS = [
     Check(r'load_dataset\("kashif/pickascore"', "run"),
     Check(r'output_dir="sd15-contrast-filter"', "run"),
     Check(r'minority_evidence="judge", minority_filter_threshold=0\.55', "run"),
+    Check(r"implied_flip_rate\(agreement, accuracy\)", "run", expect=_expect_judge_known),
     Check(r"noisy = flip_labels\(pairs", "run"),
     Check(r'"black-forest-labs/FLUX.1-dev",\s+# or a local folder', "run"),
     Check(r'pipe\.load_lora_weights\("sd15-adaptive-dpo"\)', "run"),
@@ -165,7 +171,7 @@ CHECKS = [
 GIVENS = {
     "README.md": lambda stand_ins, cwd: {"pairs": _toy_pairs()},  # "a datasets.Dataset of preference pairs"
     "docs/caching.md": lambda stand_ins, cwd: {"model": stand_ins["sd"], "dataset": _toy_pairs(), "lora": _lora()},
-    "docs/minority_filter.md": lambda stand_ins, cwd: _saved(_toy_pairs(), cwd / "my-pairs"),  # "my-pairs": the user's
+    "docs/minority_filter.md": lambda stand_ins, cwd: _saved(_toy_pairs(), cwd / "my-pairs", cwd / "my-trusted-pairs"),
     "docs/evaluation.md": lambda stand_ins, cwd: _evaluation_givens(stand_ins, cwd),
 }
 #: The names GIVENS defines, for the static checks (which do not build them).
@@ -191,8 +197,10 @@ def _lora():
     return lora_config()
 
 
-def _saved(dataset, folder: Path) -> dict:
-    dataset.save_to_disk(str(folder))
+def _saved(dataset, *folders: Path) -> dict:
+    """The user's data saved where the prose says it is ("my-pairs", "my-trusted-pairs")."""
+    for folder in folders:
+        dataset.save_to_disk(str(folder))
     return {}
 
 

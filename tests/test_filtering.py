@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from trl_adaptive.filtering import (
+    implied_flip_rate,
     logit_evidence,
     minority_keep_mask,
     mixture_minority_posterior,
@@ -195,3 +196,16 @@ def test_judge_evidence_by_hand():
     expected = [1 / (1 + math.exp(1.0)), 1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(0.25))]
     assert evidence[:3].tolist() == pytest.approx(expected, abs=1e-6) and torch.isnan(evidence[3])
     assert judge_evidence(margins * 10, rms=20.0)[:3].tolist() == pytest.approx(expected, abs=1e-6)  # scale-free
+
+
+def test_implied_flip_rate_by_hand():
+    # f = (a - g) / (2a - 1): a judge right on 90% of clean pairs agreeing on 75% of the labels implies 0.15 / 0.8.
+    assert implied_flip_rate(0.75, 0.9) == pytest.approx(0.1875)
+    assert implied_flip_rate(0.9, 0.9) == 0.0 and implied_flip_rate(0.75, 0.75) == 0.0  # agreement = accuracy: clean
+    assert implied_flip_rate(0.95, 0.9) == 0.0  # above its own accuracy: no flips, not a negative share
+    assert implied_flip_rate(0.2, 0.9) == 0.5  # below what any flip share up to one half explains: clipped
+    assert implied_flip_rate(0.6, 1.0) == pytest.approx(0.4)  # a perfect judge's disagreement is the flip share
+    with pytest.raises(ValueError, match="judge_accuracy"):
+        implied_flip_rate(0.7, 0.5)
+    with pytest.raises(ValueError, match="agreement"):
+        implied_flip_rate(1.2, 0.9)

@@ -594,6 +594,41 @@ def add_judge_scores(dataset, scorer, batch_size: int = 16, progress: bool = Tru
     return dataset.add_column(JUDGE_SCORES_COLUMN, scores)
 
 
+def judge_label_agreement(dataset) -> dict[str, float]:
+    """How often a judge's scores (the ``judge_scores`` column, `add_judge_scores`) agree with the labels: the share
+    of the decided pairs where the judge scores the labelled winner higher, the number of pairs counted, and those
+    where the judge abstains (``None``) or scores both images alike, which do not count. Tied labels do not count.
+
+    This is what the minority filter's judge check measures during training, computed over a whole map-style dataset
+    before it. Run it on pairs whose labels you trust (re-annotated, or with unanimous votes) to learn the judge's
+    accuracy on your raters, and on your training data: `trl_adaptive.filtering.implied_flip_rate` turns the two into
+    the share of flipped labels they imply (docs/minority_filter.md, "A judge you bring"). Images are not decoded.
+    """
+    if is_streamed(dataset):
+        raise ValueError("judge_label_agreement counts a whole dataset: pass a map-style one (e.g. stream.take(n) "
+                         "materialised with datasets.Dataset.from_generator)")
+    columns = dataset_columns(dataset)
+    if JUDGE_SCORES_COLUMN not in columns:
+        raise ValueError(f"judge_label_agreement needs a {JUDGE_SCORES_COLUMN!r} column (add_judge_scores); the data has "
+                         f"{sorted(columns)}")
+    schema = detect_schema(columns)
+    kept = [c for c in (schema.label_column, JUDGE_SCORES_COLUMN, "row_index") if c in columns]
+    agreeing = counted = abstained = 0
+    for position, row in enumerate(dataset.select_columns(kept)):  # no image column: nothing decoded
+        label_row = row.get("row_index", position)
+        first_wins = schema.first_wins(row[schema.label_column], label_row) if schema.label_column else 1.0
+        if first_wins == 0.5:
+            continue
+        first, second = judge_scores(row[JUDGE_SCORES_COLUMN], label_row)
+        margin = (first - second) if first_wins == 1.0 else (second - first)
+        if not np.isfinite(margin) or margin == 0:
+            abstained += 1
+            continue
+        counted += 1
+        agreeing += int(margin > 0)
+    return {"agreement": agreeing / counted if counted else float("nan"), "pairs": counted, "abstained": abstained}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------

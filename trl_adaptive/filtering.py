@@ -63,6 +63,22 @@ def judge_evidence(margins: torch.Tensor, rms: torch.Tensor | float) -> torch.Te
     return torch.sigmoid(-margins.detach().float() / rms)
 
 
+def implied_flip_rate(agreement: float, judge_accuracy: float) -> float:
+    """The share of flipped labels implied by a judge's agreement with them, given its accuracy on clean labels.
+
+    A judge that is right on a share ``a`` of clean pairs agrees with labels of which a share ``f`` is flipped on
+    ``g = a (1 - f) + (1 - a) f`` of them, so ``f = (a - g) / (2a - 1)``, clipped to [0, 1/2]. The judge check sees only
+    ``g``: a weak judge on clean labels and a strong one on noisy labels can agree alike (0.75: ``a`` = 0.75, ``f`` = 0;
+    or ``a`` = 0.9, ``f`` = 0.19), and only ``a``, measured on pairs you trust, tells them apart.
+    """
+    if not 0.5 < judge_accuracy <= 1.0:
+        raise ValueError(f"implied_flip_rate: judge_accuracy must be in (0.5, 1], got {judge_accuracy} (a judge at or "
+                         "below chance says nothing about the labels)")
+    if not 0.0 <= agreement <= 1.0:
+        raise ValueError(f"implied_flip_rate: agreement must be in [0, 1], got {agreement}")
+    return min(max((judge_accuracy - agreement) / (2 * judge_accuracy - 1), 0.0), 0.5)
+
+
 def prompt_contrast_evidence(own_errors: torch.Tensor, contrast_errors: torch.Tensor) -> torch.Tensor:
     """Minority evidence of one draw from the *reference* model: 1 when it finds the labelled loser more faithful to
     the pair's prompt than the labelled winner.
