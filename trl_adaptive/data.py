@@ -243,6 +243,13 @@ def judge_scores(value: Any, row: Any) -> tuple[float, float]:
     return first, second
 
 
+def labelled_judge_margin(value: Any, first_wins: float, row: Any) -> float:
+    """The judge's score of the labelled winner minus the loser's (NaN where it abstains); a kept tie trains with the
+    first image as the winner, so its margin is the first image's lead."""
+    first, second = judge_scores(value, row)
+    return first - second if first_wins != 0.0 else second - first
+
+
 def _keep_streamed_row(row: dict, schema: PreferenceSchema, drop_ties: bool, skip_bad_rows: bool) -> bool:
     problem = row_problem(schema, row)
     if problem is not None:
@@ -522,8 +529,7 @@ class PreferenceCollator:
             if first_wins == 0.0:
                 images.reverse()
             if JUDGE_SCORES_COLUMN in example:
-                first_score, second_score = judge_scores(example[JUDGE_SCORES_COLUMN], row)
-                judge_margins.append(first_score - second_score if first_wins != 0.0 else second_score - first_score)
+                judge_margins.append(labelled_judge_margin(example[JUDGE_SCORES_COLUMN], first_wins, row))
             crop = tuple(rng.random(2).tolist()) if self.random_crop else (0.5, 0.5)
             flip = bool(self.random_flip and rng.random() < 0.5)
             for image, key, size_key, crop_key in zip(images, ("chosen", "rejected"), ("size_c", "size_r"), ("crop_c", "crop_r")):
@@ -619,8 +625,7 @@ def judge_label_agreement(dataset) -> dict[str, float]:
         first_wins = schema.first_wins(row[schema.label_column], label_row) if schema.label_column else 1.0
         if first_wins == 0.5:
             continue
-        first, second = judge_scores(row[JUDGE_SCORES_COLUMN], label_row)
-        margin = (first - second) if first_wins == 1.0 else (second - first)
+        margin = labelled_judge_margin(row[JUDGE_SCORES_COLUMN], first_wins, label_row)
         if not np.isfinite(margin) or margin == 0:
             abstained += 1
             continue
